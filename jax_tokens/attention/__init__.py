@@ -1,0 +1,10 @@
+"""Attention that returns the statistics token reducers need.
+
+`attention(q, k, v, stats=(...))` returns `(out, stats_dict)`. The XLA implementation
+materialises the probability matrix and is the oracle for the kernels.
+"""
+
+from jax_tokens.attention.api import STATS, attention
+from jax_tokens.attention.xla import attention_xla
+
+__all__ = ["attention", "attention_xla", "STATS"]

@@ -1,0 +1,55 @@
+"""Reference attention in plain XLA: materialises the [B, H, Nq, Nk] probabilities.
+
+This is the oracle the Pallas kernels are tested against, and the implementation used on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def logits_bias(key_size, bias, causal, nq, nk):
+    """The additive bias [B|1, H|1, Nq|1, Nk] from key sizes, a user bias and the causal mask."""
+    total = None
+    if key_size is not None:
+        total = jnp.log(key_size.astype(jnp.float32))[:, None, None, :]
+    if bias is not None:
+        b = bias.astype(jnp.float32)
+        total = b if total is None else total + b
+    if causal:
+        qi = jnp.arange(nq)[:, None] + (nk - nq)
+        kj = jnp.arange(nk)[None, :]
+        mask = jnp.where(kj <= qi, 0.0, -jnp.inf).astype(jnp.float32)[None, None]
+        total = mask if total is None else total + mask
+    return total
+
+
+def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
+                  stats: Sequence[str] = (), query_index=0, scale=None):
+    """See `jax_tokens.attention.attention`."""
+    nq, nk, d = q.shape[1], k.shape[1], q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    extra = logits_bias(key_size, bias, causal, nq, nk)
+    if extra is not None:
+        logits = logits + extra
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - lse[..., None])
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32).astype(q.dtype)
+    result = {}
+    for name in stats:
+        if name == "lse":
+            result["lse"] = lse
+        elif name == "cls_probs":
+            result["cls_probs"] = jax.lax.stop_gradient(probs[:, :, query_index, :])
+        elif name == "key_mass":
+            result["key_mass"] = jax.lax.stop_gradient(probs.sum(axis=2))
+        elif name == "mean_key":
+            result["mean_key"] = k.mean(axis=2)
+    if "lse" in result:
+        result["lse"] = jax.lax.stop_gradient(result["lse"])
+    return out, result

@@ -1,0 +1,530 @@
+"""A Flax NNX ViT / DeiT with a token-reducer slot in every block.
+
+    cfg = ViTConfig.vit_small(img_size=224, reduction=ReductionConfig(method="tome", r=8))
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    logits, aux = model(images)            # images [B, H, W, C] (NHWC)
+    aux["tokens"]                          # tokens entering each block (static ints)
+
+Blocks are pre-norm (attention, reducer, MLP). The reducer runs between attention and MLP, as
+ToMe and EViT place it, and gets its scores from the attention call itself
+(`jax_tokens.attention.attention(..., stats=...)`), so attention is never recomputed. The whole
+per-layer schedule (which reducer, how many tokens in and out) is computed from the config in
+Python before tracing: every shape is static and the model compiles once per config.
+
+Parameter names follow timm's `VisionTransformer` (patch_embed.proj, blocks.i.attn.qkv, ...)
+so `jax_tokens.models.convert` maps state dicts one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_tokens import merge as merge_lib
+from jax_tokens import prune as prune_lib
+from jax_tokens import schedule as sched
+from jax_tokens import tokens as tk
+from jax_tokens.attention import attention
+
+_METHODS = ("none", "tome", "prune", "lookup")
+_SCORES = ("cls_attn", "key_mass", "l2_norm", "random")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ReductionConfig:
+    """Which reducer the blocks use and with which static budgets.
+
+    method:
+      "none"   no reduction.
+      "tome"   bipartite soft matching after every block's attention; `r` is an int, an
+               (r, inflection) pair or a per-layer list (ToMe's parse_r). r is clamped per layer
+               as in ToMe. `prop_attn` adds log(size) to the attention logits.
+      "prune"  top-k pruning at the blocks in `layers` with `keep_rate` (a float for all of
+               them or one per listed layer); `score` ranks tokens ("cls_attn": EViT,
+               "key_mass", "l2_norm", "random"); `order` is "score" or "position"; `fuse`
+               adds EViT's fused token.
+      "lookup" after block `layers[0]`'s attention, TokenLearner compresses the patch tokens to
+               `num_tokens` learned tokens (prefix tokens kept).
+    """
+
+    method: str = "none"
+    r: Any = 0
+    prop_attn: bool = True
+    keep_rate: Any = 1.0
+    layers: tuple[int, ...] = ()
+    score: str = "cls_attn"
+    order: str = "score"
+    fuse: bool = False
+    num_tokens: int = 8
+
+    def __post_init__(self):
+        if self.method not in _METHODS:
+            raise ValueError(f"reduction.method={self.method!r} is not one of {_METHODS}")
+        if self.score not in _SCORES:
+            raise ValueError(f"reduction.score={self.score!r} is not one of {_SCORES}")
+        if self.order not in ("score", "position"):
+            raise ValueError(f"reduction.order={self.order!r} is not one of "
+                             "('score', 'position')")
+        # Lists are normalised to tuples so the config stays hashable (a static jit argument).
+        if isinstance(self.r, list):
+            object.__setattr__(self, "r", tuple(self.r))
+        if isinstance(self.keep_rate, list):
+            object.__setattr__(self, "keep_rate", tuple(self.keep_rate))
+        object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """ViT / DeiT hyper-parameters (timm's names where they exist)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    distill_token: bool = False
+    num_registers: int = 0
+    pos_embed: str = "learn"          # "learn" | "sincos" | "none"
+    no_embed_class: bool = False      # position embedding only on patch tokens (timm flag)
+    layer_scale_init: float | None = None
+    global_pool: str = "token"        # "token" | "avg" (size-weighted over patch tokens)
+    ln_eps: float = 1e-6
+    attn_impl: str = "auto"
+    dtype: str = "float32"            # compute dtype ("bfloat16" for mixed precision)
+    reduction: ReductionConfig = ReductionConfig()
+
+    def __post_init__(self):
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} must be a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.pos_embed not in ("learn", "sincos", "none"):
+            raise ValueError(f"pos_embed={self.pos_embed!r} is not one of learn, sincos, none")
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool={self.global_pool!r} is not one of token, avg")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
+        if self.distill_token and not self.class_token:
+            raise ValueError("distill_token=True needs class_token=True (DeiT layout)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
+        if isinstance(self.reduction, dict):
+            object.__setattr__(self, "reduction", ReductionConfig(**self.reduction))
+        self.schedule()  # validates budgets against token counts, naming the layer
+
+    # -- derived sizes ------------------------------------------------------------------------
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.distill_token) + self.num_registers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def replace(self, **kw) -> "ViTConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- the static per-layer schedule -----------------------------------------------------------
+    def schedule(self, reduction: ReductionConfig | None = None) -> tuple["LayerSpec", ...]:
+        """Per block: tokens in, the reducer op and its static budget, tokens out."""
+        red = self.reduction if reduction is None else reduction
+        n, p = self.num_tokens, self.num_prefix_tokens
+        specs = []
+        if red.method == "tome":
+            rs = sched.parse_r(self.depth, red.r)
+            protected = int(self.class_token) + int(self.distill_token)
+            for l, r in enumerate(rs):
+                r_eff = sched.tome_effective_r(n, r, protected)
+                specs.append(LayerSpec(n, "tome" if r_eff > 0 else "none", r_eff, n - r_eff))
+                n -= r_eff
+            return tuple(specs)
+        layers = red.layers
+        for l in layers:
+            if not 0 <= l < self.depth:
+                raise ValueError(f"reduction.layers contains {l}, but the model has "
+                                 f"{self.depth} blocks (allowed: 0..{self.depth - 1})")
+        if red.method == "prune":
+            rates = red.keep_rate
+            if isinstance(rates, (tuple, list)):
+                if len(rates) != len(layers):
+                    raise ValueError(f"reduction.keep_rate has {len(rates)} entries but "
+                                     f"reduction.layers has {len(layers)}: give one rate per "
+                                     "pruning layer, or a single float")
+            else:
+                rates = (rates,) * len(layers)
+            by_layer = dict(zip(layers, rates))
+            for l in range(self.depth):
+                if l in by_layer:
+                    rate = tk.static_float(f"reduction.keep_rate (layer {l})", by_layer[l],
+                                           low=0.0, high=1.0)
+                    k = sched.keep_count(rate, n - p)
+                    if k < n - p:
+                        n_out = p + k + int(red.fuse)
+                        specs.append(LayerSpec(n, "prune", k, n_out))
+                        n = n_out
+                        continue
+                specs.append(LayerSpec(n, "none", 0, n))
+            return tuple(specs)
+        if red.method == "lookup":
+            if len(layers) != 1:
+                raise ValueError(f"reduction.layers={layers} must name exactly one block for "
+                                 "method='lookup'")
+            m = tk.static_int("reduction.num_tokens", red.num_tokens, low=1, high=n - p)
+            for l in range(self.depth):
+                if l == layers[0]:
+                    specs.append(LayerSpec(n, "lookup", m, p + m))
+                    n = p + m
+                else:
+                    specs.append(LayerSpec(n, "none", 0, n))
+            return tuple(specs)
+        return tuple(LayerSpec(n, "none", 0, n) for _ in range(self.depth))
+
+    def token_counts(self, reduction: ReductionConfig | None = None) -> list[int]:
+        """Tokens entering each block (and, last, the tokens after the final block)."""
+        specs = self.schedule(reduction)
+        return [s.n_in for s in specs] + [specs[-1].n_out]
+
+    def flops(self, reduction: ReductionConfig | None = None) -> int:
+        """Estimated forward FLOPs per image (2 x multiply-adds, matmuls and matchings)."""
+        specs = self.schedule(reduction)
+        total = sched.vit_flops(
+            tokens_in=[s.n_in for s in specs], tokens_mid=[s.n_out for s in specs],
+            dim=self.embed_dim, mlp_hidden=self.mlp_hidden, num_patches=self.num_patches,
+            patch_dim=self.in_chans * self.patch_size ** 2, num_classes=self.num_classes,
+            head_dim=self.head_dim, tome_layers=[s.op == "tome" for s in specs])
+        for s in specs:
+            if s.op == "lookup":  # TokenLearner: LN + MLP(hidden) over N tokens + weighted sum
+                n_in = s.n_in - self.num_prefix_tokens
+                hidden = self.embed_dim
+                total += 2 * n_in * self.embed_dim * hidden + 2 * n_in * hidden * s.budget
+                total += 2 * s.budget * n_in * self.embed_dim
+        if self.distill_token:
+            total += 2 * self.embed_dim * self.num_classes
+        return total
+
+    # -- presets ------------------------------------------------------------------------------
+    @classmethod
+    def vit_tiny(cls, **kw):
+        return cls(**{**dict(embed_dim=192, depth=12, num_heads=3), **kw})
+
+    @classmethod
+    def vit_small(cls, **kw):
+        return cls(**{**dict(embed_dim=384, depth=12, num_heads=6), **kw})
+
+    @classmethod
+    def vit_base(cls, **kw):
+        return cls(**{**dict(embed_dim=768, depth=12, num_heads=12), **kw})
+
+    @classmethod
+    def vit_large(cls, **kw):
+        return cls(**{**dict(embed_dim=1024, depth=24, num_heads=16), **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    n_in: int      # tokens entering the block
+    op: str        # "none" | "tome" | "prune" | "lookup"
+    budget: int    # r for tome, k kept for prune, M for lookup
+    n_out: int     # tokens after the reducer (seen by the MLP and the next block)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+def _dense(rngs, din, dout, use_bias=True, dtype=None):
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                      kernel_init=nnx.initializers.truncated_normal(0.02),
+                      bias_init=nnx.initializers.zeros)
+
+
+def _norm(rngs, dim, eps, dtype=None):
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim: int, init: float):
+        self.gamma = nnx.Param(jnp.full((dim,), init, jnp.float32))
+
+    def __call__(self, x):
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention that also returns the statistics a reducer asked for."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, impl: str, dtype, *, rngs):
+        self.num_heads = num_heads
+        self.impl = impl
+        self.qkv = _dense(rngs, dim, 3 * dim, use_bias=qkv_bias, dtype=dtype)
+        self.proj = _dense(rngs, dim, dim, dtype=dtype)
+
+    def __call__(self, x, *, key_size=None, stats=()):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out, st = attention(q, k, v, key_size=key_size, stats=stats, impl=self.impl)
+        return self.proj(out.reshape(b, n, c)), st
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, dtype, *, rngs):
+        self.fc1 = _dense(rngs, dim, hidden, dtype=dtype)
+        self.fc2 = _dense(rngs, hidden, dim, dtype=dtype)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm block split in two halves so the reducer can sit between them."""
+
+    def __init__(self, cfg: ViTConfig, dtype, *, rngs):
+        self.norm1 = _norm(rngs, cfg.embed_dim, cfg.ln_eps, dtype)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_impl, dtype,
+                              rngs=rngs)
+        self.norm2 = _norm(rngs, cfg.embed_dim, cfg.ln_eps, dtype)
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_hidden, dtype, rngs=rngs)
+        if cfg.layer_scale_init is not None:
+            self.ls1 = LayerScale(cfg.embed_dim, cfg.layer_scale_init)
+            self.ls2 = LayerScale(cfg.embed_dim, cfg.layer_scale_init)
+        else:
+            self.ls1 = self.ls2 = None
+
+    def attend(self, x, *, key_size=None, stats=()):
+        h, st = self.attn(self.norm1(x), key_size=key_size, stats=stats)
+        if self.ls1 is not None:
+            h = self.ls1(h)
+        return x + h, st
+
+    def feed_forward(self, x):
+        h = self.mlp(self.norm2(x))
+        if self.ls2 is not None:
+            h = self.ls2(h)
+        return x + h
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (MAE / big_vision layout)."""
+    if dim % 4:
+        raise ValueError(f"embed_dim={dim} must be divisible by 4 for pos_embed='sincos'")
+    y, x = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                       indexing="ij")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    oy, ox = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(ox), np.cos(ox), np.sin(oy), np.cos(oy)], 1).astype(np.float32)
+
+
+class VisionTransformer(nnx.Module):
+    """ViT / DeiT with reducer slots; see the module docstring."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dim, dtype = cfg.embed_dim, jnp.dtype(cfg.dtype)
+        self.patch_embed = nnx.Conv(cfg.in_chans, dim, (cfg.patch_size, cfg.patch_size),
+                                    strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
+                                    dtype=dtype, rngs=rngs)
+        tn = nnx.initializers.truncated_normal(0.02)
+        key = rngs.params()
+        self.cls_token = nnx.Param(1e-6 * jax.random.normal(key, (1, 1, dim))) \
+            if cfg.class_token else None
+        self.dist_token = nnx.Param(tn(jax.random.fold_in(key, 1), (1, 1, dim))) \
+            if cfg.distill_token else None
+        self.reg_token = nnx.Param(tn(jax.random.fold_in(key, 2), (1, cfg.num_registers, dim))) \
+            if cfg.num_registers else None
+        embed_len = cfg.num_patches + (0 if cfg.no_embed_class
+                                       else int(cfg.class_token) + int(cfg.distill_token))
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nnx.Param(tn(jax.random.fold_in(key, 3), (1, embed_len, dim)))
+        elif cfg.pos_embed == "sincos":
+            table = sincos_2d(cfg.grid, dim)
+            if embed_len > cfg.num_patches:
+                table = np.concatenate([np.zeros((embed_len - cfg.num_patches, dim),
+                                                 np.float32), table])
+            self.pos_embed = nnx.Variable(jnp.asarray(table)[None])  # fixed, not trained
+        else:
+            self.pos_embed = None
+        self.blocks = nnx.List([Block(cfg, dtype, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = _norm(rngs, dim, cfg.ln_eps, dtype)
+        self.head = _dense(rngs, dim, cfg.num_classes, dtype=dtype)
+        self.head_dist = _dense(rngs, dim, cfg.num_classes, dtype=dtype) \
+            if cfg.distill_token else None
+        self.lookup = None
+        if cfg.reduction.method == "lookup":
+            from jax_tokens.lookup import TokenLearner  # pylint: disable=import-outside-toplevel
+            self.lookup = TokenLearner(dim, cfg.reduction.num_tokens, rngs=rngs)
+
+    # -- embedding ----------------------------------------------------------------------------
+    def embed(self, images: jax.Array) -> jax.Array:
+        """[B, H, W, C] images -> [B, N, D] tokens: [cls?, dist?, registers..., patches]."""
+        cfg = self.cfg
+        if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.in_chans):
+            raise ValueError(f"images must have shape [batch, {cfg.img_size}, {cfg.img_size}, "
+                             f"{cfg.in_chans}] (NHWC); got {images.shape}")
+        x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype)))
+        b = x.shape[0]
+        x = x.reshape(b, -1, cfg.embed_dim)
+        pos = None if self.pos_embed is None else self.pos_embed[...].astype(x.dtype)
+        cls_like = [t[...] for t in (self.cls_token, self.dist_token) if t is not None]
+        cls_like = [jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype) for t in cls_like]
+        regs = [] if self.reg_token is None else [
+            jnp.broadcast_to(self.reg_token[...], (b,) + self.reg_token.shape[1:]).astype(x.dtype)]
+        if cfg.no_embed_class:
+            if pos is not None:
+                x = x + pos
+            return jnp.concatenate(cls_like + regs + [x], axis=1)
+        x = jnp.concatenate(cls_like + [x], axis=1)
+        if pos is not None:
+            x = x + pos
+        if regs:
+            n_cls = len(cls_like)
+            x = jnp.concatenate([x[:, :n_cls]] + regs + [x[:, n_cls:]], axis=1)
+        return x
+
+    # -- one reducer step ---------------------------------------------------------------------
+    def _stats_for(self, spec: LayerSpec, red: ReductionConfig) -> tuple[str, ...]:
+        if spec.op == "tome":
+            return ("mean_key",)
+        if spec.op == "prune":
+            needs = {"cls_attn": ("cls_probs",), "key_mass": ("key_mass",)}
+            return needs.get(red.score, ())
+        return ()
+
+    def _reduce(self, spec: LayerSpec, red: ReductionConfig, x, size, st, key):
+        cfg, p = self.cfg, self.cfg.num_prefix_tokens
+        if spec.op == "tome":
+            plan = merge_lib.bipartite_soft_matching(
+                st["mean_key"], spec.budget, class_token=cfg.class_token,
+                distill_token=cfg.distill_token)
+            x, size = merge_lib.merge_wavg(plan, x, size)
+            return x, size, plan, {}
+        if spec.op == "prune":
+            if red.score == "random":
+                if key is None:
+                    raise ValueError("reduction.score='random' needs a PRNG key: call the "
+                                     "model with key=jax.random.key(...)")
+                scores = prune_lib.random_scores(key, x.shape[0], x.shape[1] - p)
+                fuse_w = None
+            elif red.score == "l2_norm":
+                scores, fuse_w = prune_lib.l2_norm(x, p), None
+            elif red.score == "key_mass":
+                scores, fuse_w = prune_lib.key_mass(st["key_mass"], p), None
+            else:
+                scores = prune_lib.cls_attention(st["cls_probs"], p)
+                fuse_w = scores
+            if red.fuse and fuse_w is None:  # fuse with the CLS-free weights: softmax of scores
+                fuse_w = jax.nn.softmax(scores, axis=-1)
+            plan = prune_lib.topk(scores, spec.budget, protected=p, order=red.order,
+                                  fuse=red.fuse, fuse_weights=fuse_w)
+            return prune_lib.prune(plan, x), prune_lib.prune_size(plan, size), plan, {
+                "kept_idx": plan.kept_idx}
+        if spec.op == "lookup":
+            y, plan = self.lookup(x[:, p:])
+            w = plan.weights.astype(jnp.float32)                      # [B, M, N]
+            share = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+            new_size = jnp.einsum("bmn,bn->bm", share, size[:, p:, 0])[..., None]
+            x = jnp.concatenate([x[:, :p], y.astype(x.dtype)], axis=1)
+            size = jnp.concatenate([size[:, :p], new_size], axis=1)
+            return x, size, _LookupAssign(plan, p), {}
+        return x, size, None, {}
+
+    # -- forward ------------------------------------------------------------------------------
+    def __call__(self, images: jax.Array, *, key: jax.Array | None = None,
+                 reduction: ReductionConfig | None = None):
+        """Returns (logits [B, classes], aux).
+
+        aux holds "features" (pre-logits [B, D]), "tokens" (tokens entering each block, then
+        the final count; static ints), "size" [B, M, 1], "source_index" [B, N0] (token each
+        input patch ended in, -1 if dropped), and "kept_idx" per pruning layer.
+        `reduction` overrides the config's reducer (e.g. a keep-rate warm-up); it is static.
+        """
+        cfg = self.cfg
+        red = cfg.reduction if reduction is None else reduction
+        specs = cfg.schedule(red)
+        if red.method == "lookup" and self.lookup is None:
+            raise ValueError("reduction.method='lookup' needs a model built with it "
+                             "(its TokenLearner has parameters)")
+        x = self.embed(images)
+        b = x.shape[0]
+        size = tk.init_size(x)
+        source_index = tk.init_source_index(b, x.shape[1])
+        kept = []
+        use_size = red.method == "tome" and red.prop_attn
+        for l, (blk, spec) in enumerate(zip(self.blocks, specs)):
+            # ToMe passes no size to the first block (all ones: log 1 = 0 either way).
+            key_size = size[..., 0] if (use_size and l > 0) else None
+            x, st = blk.attend(x, key_size=key_size, stats=self._stats_for(spec, red))
+            if spec.op != "none":
+                layer_key = None if key is None else jax.random.fold_in(key, l)
+                x, size, plan, extra = self._reduce(spec, red, x, size, st, layer_key)
+                source_index = tk.update_source_index(source_index, plan.assignment)
+                if "kept_idx" in extra:
+                    kept.append(extra["kept_idx"])
+            x = blk.feed_forward(x)
+        x = self.norm(x)
+        if cfg.global_pool == "token":
+            feats = x[:, 0]
+        else:
+            p = cfg.num_prefix_tokens
+            w = size[:, p:]
+            feats = (x[:, p:] * w).sum(axis=1) / w.sum(axis=1)
+        logits = self.head(feats)
+        aux = {"features": feats, "tokens": cfg.token_counts(red), "size": size,
+               "source_index": source_index, "kept_idx": kept}
+        if self.head_dist is not None:
+            logits_dist = self.head_dist(x[:, 1])
+            aux["logits_cls"], aux["logits_dist"] = logits, logits_dist
+            logits = (logits + logits_dist) / 2
+        return logits.astype(jnp.float32), aux
+
+
+class _LookupAssign:
+    """Hard assignment of a lookup plan (each patch to its highest-weight lookup token)."""
+
+    def __init__(self, plan, prefix: int):
+        self.plan, self.prefix = plan, prefix
+
+    @property
+    def assignment(self):
+        w = self.plan.weights  # [B, M, N]
+        patch = jnp.argmax(w, axis=1).astype(jnp.int32) + self.prefix
+        b = w.shape[0]
+        front = jnp.broadcast_to(jnp.arange(self.prefix, dtype=jnp.int32), (b, self.prefix))
+        return jnp.concatenate([front, patch], axis=1)
