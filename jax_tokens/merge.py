@@ -200,9 +200,12 @@ def bipartite_soft_matching(metric: jax.Array, r: int, *, class_token: bool = Fa
     n_a = a.shape[1]
     if class_token:
         # Only the r best edges need ranking; the rest keep their input order.
+        # Only the r best edges need ranking; the rest keep their input order, which a second
+        # top_k over -index (src pushed last) yields without a scatter or a full sort.
         _, src_idx = jax.lax.top_k(node_max, r)
-        is_src = jnp.zeros((bsz, n_a), bool).at[jnp.arange(bsz)[:, None], src_idx].set(True)
-        unm_idx = jax.vmap(lambda s: jnp.nonzero(~s, size=n_a - r)[0])(is_src)
+        pos = jnp.arange(n_a, dtype=jnp.int32)
+        is_src = (src_idx[:, :, None] == pos).any(axis=1)
+        _, unm_idx = jax.lax.top_k(jnp.where(is_src, -n_a - 1, -pos), n_a - r)
     else:
         _, order = jax.lax.top_k(node_max, n_a)
         src_idx, unm_idx = order[:, :r], order[:, r:]
@@ -307,9 +310,11 @@ def merge_wavg(plan: MergePlan, x: jax.Array,
         size = tk.init_size(x)
     _check_x(plan, size, "size")
     size = size.astype(jnp.float32)
-    summed = merge(plan, x.astype(jnp.float32) * size, mode="sum")
-    new_size = merge(plan, size, mode="sum")
-    return (summed / new_size).astype(x.dtype), new_size
+    # One merge for both: the size rides along as an extra channel.
+    c = x.shape[-1]
+    both = merge(plan, jnp.concatenate([x.astype(jnp.float32) * size, size], axis=-1), "sum")
+    new_size = both[..., c:]
+    return (both[..., :c] / new_size).astype(x.dtype), new_size
 
 
 def merge_source(plan: MergePlan, source: jax.Array | None = None) -> jax.Array:

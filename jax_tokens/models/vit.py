@@ -31,6 +31,7 @@ from jax_tokens import prune as prune_lib
 from jax_tokens import schedule as sched
 from jax_tokens import tokens as tk
 from jax_tokens.attention import attention
+from jax_tokens.lookup import TokenLearner
 
 _METHODS = ("none", "tome", "prune", "lookup")
 _SCORES = ("cls_attn", "key_mass", "l2_norm", "random")
@@ -105,6 +106,7 @@ class ViTConfig:
     global_pool: str = "token"        # "token" | "avg" (size-weighted over patch tokens)
     ln_eps: float = 1e-6
     attn_impl: str = "auto"
+    trace_source: bool = False        # track which patches each token covers (aux["source_index"])
     dtype: str = "float32"            # compute dtype ("bfloat16" for mixed precision)
     reduction: ReductionConfig = ReductionConfig()
 
@@ -386,10 +388,8 @@ class VisionTransformer(nnx.Module):
         self.head = _dense(rngs, dim, cfg.num_classes, dtype=dtype)
         self.head_dist = _dense(rngs, dim, cfg.num_classes, dtype=dtype) \
             if cfg.distill_token else None
-        self.lookup = None
-        if cfg.reduction.method == "lookup":
-            from jax_tokens.lookup import TokenLearner  # pylint: disable=import-outside-toplevel
-            self.lookup = TokenLearner(dim, cfg.reduction.num_tokens, rngs=rngs)
+        self.lookup = TokenLearner(dim, cfg.reduction.num_tokens, dtype=dtype, rngs=rngs) \
+            if cfg.reduction.method == "lookup" else None
 
     # -- embedding ----------------------------------------------------------------------------
     def embed(self, images: jax.Array) -> jax.Array:
@@ -471,8 +471,9 @@ class VisionTransformer(nnx.Module):
         """Returns (logits [B, classes], aux).
 
         aux holds "features" (pre-logits [B, D]), "tokens" (tokens entering each block, then
-        the final count; static ints), "size" [B, M, 1], "source_index" [B, N0] (token each
-        input patch ended in, -1 if dropped), and "kept_idx" per pruning layer.
+        the final count; static ints), "size" [B, M, 1], "kept_idx" per pruning layer, and,
+        with cfg.trace_source, "source_index" [B, N0] (the token each input patch ended in,
+        -1 if dropped; `tokens.source_matrix` makes it dense).
         `reduction` overrides the config's reducer (e.g. a keep-rate warm-up); it is static.
         """
         cfg = self.cfg
@@ -484,7 +485,7 @@ class VisionTransformer(nnx.Module):
         x = self.embed(images)
         b = x.shape[0]
         size = tk.init_size(x)
-        source_index = tk.init_source_index(b, x.shape[1])
+        source_index = tk.init_source_index(b, x.shape[1]) if cfg.trace_source else None
         kept = []
         use_size = red.method == "tome" and red.prop_attn
         for l, (blk, spec) in enumerate(zip(self.blocks, specs)):
@@ -494,7 +495,8 @@ class VisionTransformer(nnx.Module):
             if spec.op != "none":
                 layer_key = None if key is None else jax.random.fold_in(key, l)
                 x, size, plan, extra = self._reduce(spec, red, x, size, st, layer_key)
-                source_index = tk.update_source_index(source_index, plan.assignment)
+                if source_index is not None:
+                    source_index = tk.update_source_index(source_index, plan.assignment)
                 if "kept_idx" in extra:
                     kept.append(extra["kept_idx"])
             x = blk.feed_forward(x)
@@ -507,7 +509,9 @@ class VisionTransformer(nnx.Module):
             feats = (x[:, p:] * w).sum(axis=1) / w.sum(axis=1)
         logits = self.head(feats)
         aux = {"features": feats, "tokens": cfg.token_counts(red), "size": size,
-               "source_index": source_index, "kept_idx": kept}
+               "kept_idx": kept}
+        if source_index is not None:
+            aux["source_index"] = source_index
         if self.head_dist is not None:
             logits_dist = self.head_dist(x[:, 1])
             aux["logits_cls"], aux["logits_dist"] = logits, logits_dist
@@ -516,15 +520,14 @@ class VisionTransformer(nnx.Module):
 
 
 class _LookupAssign:
-    """Hard assignment of a lookup plan (each patch to its highest-weight lookup token)."""
+    """A lookup plan over the patch tokens, seen over all tokens (prefix tokens stay put)."""
 
     def __init__(self, plan, prefix: int):
         self.plan, self.prefix = plan, prefix
 
     @property
     def assignment(self):
-        w = self.plan.weights  # [B, M, N]
-        patch = jnp.argmax(w, axis=1).astype(jnp.int32) + self.prefix
-        b = w.shape[0]
-        front = jnp.broadcast_to(jnp.arange(self.prefix, dtype=jnp.int32), (b, self.prefix))
+        patch = self.plan.assignment + self.prefix  # each patch -> its highest-weight token
+        front = jnp.broadcast_to(jnp.arange(self.prefix, dtype=jnp.int32),
+                                 (patch.shape[0], self.prefix))
         return jnp.concatenate([front, patch], axis=1)

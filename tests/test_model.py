@@ -1,0 +1,213 @@
+"""The NNX ViT: parity with ToMe's and EViT's reference models, timm round trip, variants,
+transforms, FLOPs against XLA's cost analysis, and config errors."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_tokens import tokens as tk
+from jax_tokens.models import ReductionConfig, VisionTransformer, ViTConfig
+from jax_tokens.models import convert
+
+
+def jit_forward(model, images, **kw):
+    """One compiled forward (much faster than op-by-op eager on CPU)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, **kw))(state, images)
+
+
+def make_model(cfg, seed=0):
+    """Initialises under one jit (eager init compiles every op separately on CPU)."""
+    return nnx.jit(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(seed)))()
+
+
+def _timm_state(d):
+    return {k[len("param/"):]: v for k, v in d.items() if k.startswith("param/")}
+
+
+def _nhwc(images):
+    return jnp.asarray(images.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("r", [0, 4, 8])
+def test_tome_vit_matches_reference(golden, r):
+    d = golden("tome_vit_small.npz")
+    meta = json.loads(str(d["meta"]))
+    c = meta["cfg"]
+    cfg = ViTConfig(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
+                    depth=c["depth"], num_heads=c["num_heads"], num_classes=c["num_classes"],
+                    attn_impl="xla", trace_source=True,
+                    reduction=ReductionConfig(method="tome", r=r, prop_attn=meta["prop_attn"]))
+    model = convert.from_timm(_timm_state(d), cfg)
+    logits, aux = jit_forward(model, _nhwc(d["images"]))
+    np.testing.assert_allclose(logits, d[f"logits_r{r}"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(aux["features"], d[f"features_r{r}"], atol=1e-4, rtol=0)
+    if r:
+        np.testing.assert_allclose(aux["size"], d[f"size_r{r}"], atol=1e-4, rtol=0)
+        source = tk.source_matrix(aux["source_index"], aux["size"].shape[1])
+        np.testing.assert_allclose(source, d[f"source_r{r}"], atol=1e-4, rtol=0)
+        assert aux["tokens"][-1] == d[f"size_r{r}"].shape[1]
+
+
+@pytest.mark.parametrize("variant", ["evit_fuse", "evit_nofuse"])
+def test_evit_matches_reference(golden, variant):
+    d = golden(f"{variant}.npz")
+    meta = json.loads(str(d["meta"]))
+    c = meta["cfg"]
+    layers = tuple(i for i, k in enumerate(meta["keep_rate"]) if k < 1)
+    rate = [k for k in meta["keep_rate"] if k < 1][0]
+    cfg = ViTConfig(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
+                    depth=c["depth"], num_heads=c["num_heads"], num_classes=c["num_classes"],
+                    attn_impl="xla",
+                    reduction=ReductionConfig(method="prune", keep_rate=rate, layers=layers,
+                                              score="cls_attn", order="score",
+                                              fuse=meta["fuse_token"]))
+    # token counts per block equal EViT's left_tokens (+1 for the class token)
+    assert [n - 1 for n in cfg.token_counts()[1:]] == meta["left_tokens"]
+    model = convert.from_timm(_timm_state(d), cfg)
+    images = _nhwc(d["images"])
+    logits, aux = jit_forward(model, images)
+    np.testing.assert_allclose(logits, d["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(aux["features"], d["features"], atol=1e-4, rtol=0)
+    for i, kept in enumerate(aux["kept_idx"]):
+        np.testing.assert_array_equal(kept, d[f"kept_idx_{i}"])
+    _, aux1 = jit_forward(model, images, reduction=ReductionConfig())
+    np.testing.assert_allclose(aux1["features"], d["features_keep1"], atol=1e-4, rtol=0)
+
+
+def test_timm_round_trip_is_exact(golden, tmp_path):
+    sd = _timm_state(golden("evit_fuse.npz"))
+    cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                    num_classes=10)
+    model = convert.from_timm(sd, cfg)
+    back = convert.to_timm(model)
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+    path = tmp_path / "vit.safetensors"
+    convert.save_safetensors(model, path)
+    again = convert.to_timm(convert.load_safetensors(path, cfg))
+    for k in sd:
+        np.testing.assert_array_equal(again[k], sd[k], err_msg=k)
+
+
+def test_timm_errors_list_keys_and_shapes(golden):
+    sd = _timm_state(golden("evit_fuse.npz"))
+    cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                    num_classes=10)
+    broken = dict(sd)
+    del broken["blocks.2.mlp.fc1.bias"]
+    broken["blocks.9.extra"] = np.zeros(3)
+    broken["head.weight"] = np.zeros((11, 96), np.float32)
+    with pytest.raises(ValueError) as e:
+        convert.from_timm(broken, cfg)
+    msg = str(e.value)
+    assert "blocks.2.mlp.fc1.bias" in msg and "blocks.9.extra" in msg
+    assert "head.weight" in msg and "(11, 96)" in msg
+
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5,
+            attn_impl="xla")
+
+
+@pytest.mark.parametrize("kw,red,tokens", [
+    (dict(distill_token=True, num_registers=2, layer_scale_init=1e-5),
+     ReductionConfig(method="tome", r=2), [20, 18, 16, 14, 12]),
+    (dict(pos_embed="sincos", global_pool="avg", num_registers=1),
+     ReductionConfig(method="prune", keep_rate=0.5, layers=(1, 2), fuse=True, order="position"),
+     [18, 18, 11, 8, 8]),
+    (dict(class_token=False, global_pool="avg", pos_embed="none"),
+     ReductionConfig(method="tome", r=(3, 0.5)), [16, 15, 13, 10, 5]),
+    (dict(), ReductionConfig(method="lookup", layers=(1,), num_tokens=4), [17, 17, 5, 5, 5]),
+    (dict(), ReductionConfig(method="prune", keep_rate=(0.5, 0.5), layers=(0, 2),
+                             score="key_mass"), [17, 9, 9, 5, 5]),
+])
+def test_variants_run_and_count_tokens(kw, red, tokens):
+    cfg = ViTConfig(**TINY, **kw, trace_source=True, reduction=red)
+    assert cfg.token_counts() == tokens
+    model = make_model(cfg)
+    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    logits, aux = jit_forward(model, images)
+    assert logits.shape == (2, 5) and bool(jnp.isfinite(logits).all())
+    assert aux["size"].shape == (2, tokens[-1], 1)
+    # sizes account for every patch (lookup and fusion included) unless tokens were dropped
+    if not (red.method == "prune" and not red.fuse):
+        np.testing.assert_allclose(aux["size"].sum((1, 2)), cfg.num_tokens, rtol=1e-5)
+    assert aux["source_index"].shape == (2, cfg.num_tokens)
+    assert int(aux["source_index"].max()) < tokens[-1]
+
+
+def test_random_pruning_needs_key_and_is_keyed():
+    cfg = ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=0.5,
+                                                      layers=(1,), score="random"))
+    model = make_model(cfg)
+    images = jnp.ones((1, 16, 16, 3))
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        model(images)
+    a = jit_forward(model, images, key=jax.random.key(0))[1]["kept_idx"][0]
+    b = jit_forward(model, images, key=jax.random.key(1))[1]["kept_idx"][0]
+    assert a.shape == (1, 8) and not np.array_equal(a, b)
+
+
+def test_jit_eager_grad_no_retrace():
+    cfg = ViTConfig(**TINY, reduction=ReductionConfig(method="tome", r=3))
+    model = make_model(cfg)
+    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def loss_fn(state, x):
+        logits, _ = nnx.merge(graphdef, state)(x)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+    for _ in range(3):
+        value, grads = value_and_grad(state, images)
+    plain = jnp.mean(jax.nn.log_softmax(jit_forward(model, images)[0])[:, 0])
+    np.testing.assert_allclose(value, plain, atol=1e-5)
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert float(jnp.abs(grads["patch_embed"]["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("red", [ReductionConfig(),
+                                 ReductionConfig(method="tome", r=16),
+                                 ReductionConfig(method="prune", keep_rate=0.7, layers=(3, 6, 9),
+                                                 fuse=True)])
+def test_flops_estimate_matches_xla_for_vit_b16(red):
+    cfg = ViTConfig.vit_base(attn_impl="xla", reduction=red)
+    abstract = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0]).lower(
+        state, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert abs(cfg.flops() / cost["flops"] - 1) < 0.05, (cfg.flops(), cost["flops"])
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="reduction.layers contains 7.*allowed: 0..3"):
+        ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=0.5, layers=(7,)))
+    with pytest.raises(ValueError, match=r"keep_rate \(layer 1\)=1.5 .*\(0.0, 1.0\]"):
+        ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=1.5, layers=(1,)))
+    with pytest.raises(ValueError, match="keep_rate has 1 entries but reduction.layers has 2"):
+        ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=(0.5,),
+                                                    layers=(1, 2)))
+    with pytest.raises(ValueError, match=r"reduction.num_tokens=40 .*<= 16"):
+        ViTConfig(**TINY, reduction=ReductionConfig(method="lookup", layers=(1,),
+                                                    num_tokens=40))
+    with pytest.raises(ValueError, match="reduction.method='merge' is not one of"):
+        ReductionConfig(method="merge")
+    with pytest.raises(ValueError, match="img_size=30 must be a multiple of patch_size=4"):
+        ViTConfig(**{**TINY, "img_size": 30})
+    with pytest.raises(ValueError, match="r=-2"):
+        ViTConfig(**TINY, reduction=ReductionConfig(method="tome", r=-2))
+    model = make_model(ViTConfig(**TINY))
+    with pytest.raises(ValueError, match=r"images must have shape \[batch, 16, 16, 3\]"):
+        model(jnp.ones((1, 3, 16, 16)))
