@@ -1,0 +1,131 @@
+"""Throughput of ViT-S/16 and ViT-B/16 at 224 with and without token reduction.
+
+Prints, per model and reducer: images/s (median of --runs timed calls), the speedup over the
+unreduced model measured in the same run, the FLOP ratio (our estimate and XLA's cost
+analysis), and compile seconds. Configurations are timed in interleaved rounds (every config
+once per round) so that load changes on a shared machine hit all of them alike.
+
+    python benchmarks/throughput.py                     # CPU: batch 16, both models
+    python benchmarks/throughput.py --models vit_b --batch 64 --runs 10   # on a GPU
+
+Targets (checked and printed, not asserted): ViT-B/16 with r=16 is at least as much faster
+as its FLOP ratio predicts, and compiling with reduction takes at most 1.5x the unreduced
+compile time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jax_tokens.models import ReductionConfig, VisionTransformer, ViTConfig  # noqa: E402
+
+REDUCERS = {  # id -> (description, config)
+    "none": ("none", ReductionConfig()),
+    "tome8": ("ToMe r=8", ReductionConfig(method="tome", r=8)),
+    "tome13": ("ToMe r=13", ReductionConfig(method="tome", r=13)),
+    "tome16": ("ToMe r=16", ReductionConfig(method="tome", r=16)),
+    "evit": ("EViT keep 0.7 @ blocks 3,6,9 (fused)",
+             ReductionConfig(method="prune", keep_rate=0.7, layers=(3, 6, 9), fuse=True)),
+    "lookup": ("TokenLearner M=49 after block 3",
+               ReductionConfig(method="lookup", layers=(3,), num_tokens=49)),
+}
+
+
+def build(cfg: ViTConfig, batch: int):
+    """Random weights (initialised under one jit) and the compiled forward."""
+    model = nnx.jit(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))()
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+    images = jax.random.normal(jax.random.key(0), (batch, cfg.img_size, cfg.img_size, 3))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(state, images).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled, state, images, compile_s, float(cost.get("flops", float("nan")))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="vit_s,vit_b")
+    ap.add_argument("--reducers", default=",".join(REDUCERS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.runs < 1 or args.batch < 1:
+        ap.error(f"--runs and --batch must be >= 1 (got {args.runs}, {args.batch})")
+    unknown = [r for r in args.reducers.split(",") if r not in REDUCERS]
+    if unknown:
+        ap.error(f"unknown reducers {unknown}; choose from {list(REDUCERS)}")
+    presets = {"vit_s": ViTConfig.vit_small, "vit_b": ViTConfig.vit_base}
+    device = jax.devices()[0]
+    print(f"# device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; jax {jax.__version__}; "
+          f"batch {args.batch}; median of {args.runs} runs")
+    results = []
+    for mname in args.models.split(","):
+        if mname not in presets:
+            ap.error(f"unknown model {mname!r}; choose from {list(presets)}")
+        names = args.reducers.split(",")
+        built = {}
+        for name in names:
+            cfg = presets[mname](img_size=args.img, dtype=args.dtype, reduction=REDUCERS[name][1])
+            built[name] = (cfg,) + build(cfg, args.batch)
+            jax.block_until_ready(built[name][1](built[name][2], built[name][3]))  # warm-up
+        times = {name: [] for name in names}
+        for _ in range(args.runs):
+            for name in names:
+                _, compiled, state, images, _, _ = built[name]
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(state, images))
+                times[name].append(time.perf_counter() - t0)
+        base = names[0]
+        base_cfg, base_t = built[base][0], statistics.median(times[base])
+        print(f"\n## {mname} ({base_cfg.num_tokens} tokens)\n")
+        print("| reducer | tokens in last block | images/s | speedup | FLOP ratio (est) "
+              "| FLOP ratio (XLA) | GFLOPs/img (XLA) | compile s | compile ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in names:
+            cfg, _, _, _, compile_s, xla_flops = built[name]
+            t = statistics.median(times[name])
+            row = dict(model=mname, reducer=name, tokens_last=cfg.token_counts()[-2],
+                       images_per_s=args.batch / t, speedup=base_t / t,
+                       flop_ratio_est=cfg.flops() / base_cfg.flops(),
+                       flop_ratio_xla=xla_flops / built[base][5],
+                       gflops_xla=xla_flops / args.batch / 1e9,
+                       compile_s=compile_s, compile_ratio=compile_s / built[base][4],
+                       runs=times[name])
+            results.append(row)
+            print(f"| {REDUCERS[name][0]} | {row['tokens_last']} | {row['images_per_s']:.2f} | "
+                  f"{row['speedup']:.2f}x | {row['flop_ratio_est']:.3f} | "
+                  f"{row['flop_ratio_xla']:.3f} | {row['gflops_xla']:.2f} | {compile_s:.1f} | "
+                  f"{row['compile_ratio']:.2f}x |")
+    for row in results:
+        if row["model"] == "vit_b" and row["reducer"] == "tome16":
+            predicted = 1 / row["flop_ratio_xla"]
+            print(f"\ntarget: ViT-B/16 r=16 speedup {row['speedup']:.2f}x vs FLOP-predicted "
+                  f"{predicted:.2f}x -> {'MET' if row['speedup'] >= predicted else 'NOT MET'}")
+            print(f"target: compile ratio {row['compile_ratio']:.2f}x <= 1.5x -> "
+                  f"{'MET' if row['compile_ratio'] <= 1.5 else 'NOT MET'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
