@@ -314,7 +314,9 @@ def merge_wavg(plan: MergePlan, x: jax.Array,
     c = x.shape[-1]
     both = merge(plan, jnp.concatenate([x.astype(jnp.float32) * size, size], axis=-1), "sum")
     new_size = both[..., c:]
-    return (both[..., :c] / new_size).astype(x.dtype), new_size
+    # A group whose sizes sum to zero (padding tokens) averages to zero instead of NaN.
+    safe = jnp.where(new_size > 0, new_size, 1.0)
+    return (both[..., :c] / safe).astype(x.dtype), new_size
 
 
 def merge_source(plan: MergePlan, source: jax.Array | None = None) -> jax.Array:

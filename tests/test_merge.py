@@ -240,3 +240,11 @@ def test_zero_metric_gives_no_nan():
     plan = M.bipartite_soft_matching(metric, 3, class_token=True)
     x, size = M.merge_wavg(plan, jnp.ones((1, 9, 4)))
     assert bool(jnp.isfinite(x).all()) and bool(jnp.isfinite(size).all())
+
+
+def test_zero_sizes_give_no_nan():
+    metric = jax.random.normal(jax.random.key(0), (1, 9, 4))
+    plan = M.bipartite_soft_matching(metric, 4, class_token=True)
+    size = jnp.zeros((1, 9, 1))  # e.g. padding tokens
+    x, new_size = M.merge_wavg(plan, jnp.ones((1, 9, 4)), size)
+    assert bool(jnp.isfinite(x).all()) and float(new_size.sum()) == 0.0
