@@ -52,6 +52,20 @@ _F32 = jnp.float32
 _LN_EPS = 1e-6
 
 
+def _axes(*names):
+    """NNX metadata: logical axis names (see jax_tokens.sharding), applied when sharding."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _ln_axes():
+    return dict(scale_metadata=_axes("norm"), bias_metadata=_axes("norm"))
+
+
+def _lin_axes(din, dout):
+    """Linear kernel / bias metadata for (input, output) logical names."""
+    return dict(kernel_metadata=_axes(din, dout), bias_metadata=_axes(dout))
+
+
 # --------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------
@@ -212,17 +226,20 @@ def compress(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, LookupPlan]:
 # --------------------------------------------------------------------------------------------
 
 class Mlp(nnx.Module):
-    """Dense -> GELU -> Dense (the transformer MLP)."""
+    """Dense -> GELU -> Dense (the transformer MLP).
+
+    `out_axis` is the logical axis name of the output ("embed", or None for score maps).
+    """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None, *,
                  approximate_gelu: bool = False, kernel_init=nnx.initializers.xavier_uniform(),
                  bias_init=nnx.initializers.zeros_init(), dtype=None, param_dtype=_F32,
-                 rngs: nnx.Rngs):
+                 out_axis: str | None = "embed", rngs: nnx.Rngs):
         out_dim = dim if out_dim is None else out_dim
         kw = dict(kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, hidden_dim, **kw)
-        self.fc2 = nnx.Linear(hidden_dim, out_dim, **kw)
+        self.fc1 = nnx.Linear(dim, hidden_dim, **kw, **_lin_axes("embed", "mlp"))
+        self.fc2 = nnx.Linear(hidden_dim, out_dim, **kw, **_lin_axes("mlp", out_axis))
         self.approximate_gelu = approximate_gelu
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -257,10 +274,10 @@ class TokenLearner(nnx.Module):
         self.num_tokens = tok.static_int("num_tokens", num_tokens, low=1)
         hidden_dim = tok.static_int("hidden_dim", hidden_dim, low=1)
         self.norm = nnx.LayerNorm(dim, epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
+                                  rngs=rngs, **_ln_axes())
         self.score_mlp = Mlp(dim, hidden_dim, num_tokens, approximate_gelu=True,
                              bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
+                             param_dtype=param_dtype, out_axis=None, rngs=rngs)
         if feature_hidden_dim is None:
             self.feature_mlp = None
         else:
@@ -401,26 +418,28 @@ class LookupViTBlock(nnx.Module):
         self.hr_mlp_hidden = _hidden("hr_mlp_ratio", dim, hr_mlp_ratio)
         self.attn_impl = attn_impl
 
-        ln = dict(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ln = dict(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                  **_ln_axes())
         lin = dict(kernel_init=nnx.initializers.xavier_uniform(),
                    bias_init=nnx.initializers.zeros_init(), dtype=dtype,
                    param_dtype=param_dtype, rngs=rngs)
         # 1. gather (lookup <- hr)
         self.norm_cross_q = nnx.LayerNorm(dim, **ln)
         self.norm_cross_kv = nnx.LayerNorm(dim, **ln)
-        self.cross_q = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin)
-        self.cross_kv = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **lin)
-        self.cross_proj = nnx.Linear(dim, dim, **lin)
+        self.cross_q = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin, **_lin_axes("embed", "qkv"))
+        self.cross_kv = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **lin,
+                                   **_lin_axes("embed", "qkv"))
+        self.cross_proj = nnx.Linear(dim, dim, **lin, **_lin_axes("heads", "embed"))
         # 2. refine (lookup tokens only)
         self.norm1 = nnx.LayerNorm(dim, **ln)
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **lin)
-        self.proj = nnx.Linear(dim, dim, **lin)
+        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **lin, **_lin_axes("embed", "qkv"))
+        self.proj = nnx.Linear(dim, dim, **lin, **_lin_axes("heads", "embed"))
         self.norm2 = nnx.LayerNorm(dim, **ln)
         self.mlp = Mlp(dim, self.mlp_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # 3. infuse (hr <- lookup), reusing the logits of step 1
         self.norm_back_v = nnx.LayerNorm(dim, **ln)
-        self.back_v = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin)
-        self.back_proj = nnx.Linear(dim, dim, **lin)
+        self.back_v = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin, **_lin_axes("embed", "qkv"))
+        self.back_proj = nnx.Linear(dim, dim, **lin, **_lin_axes("heads", "embed"))
         self.norm_hr = nnx.LayerNorm(dim, **ln)
         self.hr_mlp = Mlp(dim, self.hr_mlp_hidden, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)

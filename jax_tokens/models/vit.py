@@ -13,6 +13,14 @@ Python before tracing: every shape is static and the model compiles once per con
 
 Parameter names follow timm's `VisionTransformer` (patch_embed.proj, blocks.i.attn.qkv, ...)
 so `jax_tokens.models.convert` maps state dicts one to one.
+
+Sharding (`jax_tokens.sharding`): every parameter carries logical axis names in its NNX
+metadata (`out_sharding`, e.g. the qkv kernel ("embed", "qkv"), fc1 ("embed", "mlp"), with
+`eager_sharding=False` so that no mesh is needed to build the model). Under an active mesh
+the residual stream is constrained to ("batch", "tokens", "embed"), Pallas attention runs in
+`jax.shard_map`, and ToMe / top-k selection runs per device on its own examples
+(`sharding.per_example`; random-score pruning and lookup run as is). Without a mesh all of this
+is inert.
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ from flax import nnx
 from jax_tokens import merge as merge_lib
 from jax_tokens import prune as prune_lib
 from jax_tokens import schedule as sched
+from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
-from jax_tokens.attention import attention
 from jax_tokens.lookup import TokenLearner
 
 _METHODS = ("none", "tome", "prune", "lookup")
 _SCORES = ("cls_attn", "key_mass", "l2_norm", "random")
+_ACT = ("batch", "tokens", "embed")  # logical axes of the residual stream
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,19 +280,28 @@ class LayerSpec:
 # Modules
 # --------------------------------------------------------------------------------------------
 
-def _dense(rngs, din, dout, use_bias=True, dtype=None):
+def _axes(*names):
+    """NNX metadata: logical axis names (see jax_tokens.sharding), applied when sharding."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _dense(rngs, din, dout, use_bias=True, dtype=None, axes=None):
+    """nnx.Linear; `axes` = logical names of the kernel's (input, output) dimensions."""
+    meta = {} if axes is None else dict(kernel_metadata=_axes(*axes),
+                                        bias_metadata=_axes(axes[1]))
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
                       kernel_init=nnx.initializers.truncated_normal(0.02),
-                      bias_init=nnx.initializers.zeros)
+                      bias_init=nnx.initializers.zeros, **meta)
 
 
 def _norm(rngs, dim, eps, dtype=None):
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs,
+                         scale_metadata=_axes("norm"), bias_metadata=_axes("norm"))
 
 
 class LayerScale(nnx.Module):
     def __init__(self, dim: int, init: float):
-        self.gamma = nnx.Param(jnp.full((dim,), init, jnp.float32))
+        self.gamma = nnx.Param(jnp.full((dim,), init, jnp.float32), **_axes("norm"))
 
     def __call__(self, x):
         return x * self.gamma[...].astype(x.dtype)
@@ -295,21 +313,23 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, impl: str, dtype, *, rngs):
         self.num_heads = num_heads
         self.impl = impl
-        self.qkv = _dense(rngs, dim, 3 * dim, use_bias=qkv_bias, dtype=dtype)
-        self.proj = _dense(rngs, dim, dim, dtype=dtype)
+        self.qkv = _dense(rngs, dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
+                          axes=("embed", "qkv"))
+        self.proj = _dense(rngs, dim, dim, dtype=dtype, axes=("heads", "embed"))
 
     def __call__(self, x, *, key_size=None, stats=()):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out, st = attention(q, k, v, key_size=key_size, stats=stats, impl=self.impl)
+        # A plain `attention` call, wrapped in jax.shard_map for Pallas under a mesh.
+        out, st = shd.attention(q, k, v, key_size=key_size, stats=stats, impl=self.impl)
         return self.proj(out.reshape(b, n, c)), st
 
 
 class Mlp(nnx.Module):
     def __init__(self, dim: int, hidden: int, dtype, *, rngs):
-        self.fc1 = _dense(rngs, dim, hidden, dtype=dtype)
-        self.fc2 = _dense(rngs, hidden, dim, dtype=dtype)
+        self.fc1 = _dense(rngs, dim, hidden, dtype=dtype, axes=("embed", "mlp"))
+        self.fc2 = _dense(rngs, hidden, dim, dtype=dtype, axes=("mlp", "embed"))
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -362,32 +382,36 @@ class VisionTransformer(nnx.Module):
         dim, dtype = cfg.embed_dim, jnp.dtype(cfg.dtype)
         self.patch_embed = nnx.Conv(cfg.in_chans, dim, (cfg.patch_size, cfg.patch_size),
                                     strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
-                                    dtype=dtype, rngs=rngs)
+                                    dtype=dtype, rngs=rngs,
+                                    kernel_metadata=_axes(None, None, "patch", "embed"),
+                                    bias_metadata=_axes("embed"))
         tn = nnx.initializers.truncated_normal(0.02)
         key = rngs.params()
-        self.cls_token = nnx.Param(1e-6 * jax.random.normal(key, (1, 1, dim))) \
+        tok_axes = _axes(None, None, "embed")
+        self.cls_token = nnx.Param(1e-6 * jax.random.normal(key, (1, 1, dim)), **tok_axes) \
             if cfg.class_token else None
-        self.dist_token = nnx.Param(tn(jax.random.fold_in(key, 1), (1, 1, dim))) \
+        self.dist_token = nnx.Param(tn(jax.random.fold_in(key, 1), (1, 1, dim)), **tok_axes) \
             if cfg.distill_token else None
-        self.reg_token = nnx.Param(tn(jax.random.fold_in(key, 2), (1, cfg.num_registers, dim))) \
-            if cfg.num_registers else None
+        self.reg_token = nnx.Param(tn(jax.random.fold_in(key, 2), (1, cfg.num_registers, dim)),
+                                   **tok_axes) if cfg.num_registers else None
         embed_len = cfg.num_patches + (0 if cfg.no_embed_class
                                        else int(cfg.class_token) + int(cfg.distill_token))
         if cfg.pos_embed == "learn":
-            self.pos_embed = nnx.Param(tn(jax.random.fold_in(key, 3), (1, embed_len, dim)))
+            self.pos_embed = nnx.Param(tn(jax.random.fold_in(key, 3), (1, embed_len, dim)),
+                                       **tok_axes)
         elif cfg.pos_embed == "sincos":
             table = sincos_2d(cfg.grid, dim)
             if embed_len > cfg.num_patches:
                 table = np.concatenate([np.zeros((embed_len - cfg.num_patches, dim),
                                                  np.float32), table])
-            self.pos_embed = nnx.Variable(jnp.asarray(table)[None])  # fixed, not trained
+            self.pos_embed = nnx.Variable(jnp.asarray(table)[None], **tok_axes)  # not trained
         else:
             self.pos_embed = None
         self.blocks = nnx.List([Block(cfg, dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = _norm(rngs, dim, cfg.ln_eps, dtype)
-        self.head = _dense(rngs, dim, cfg.num_classes, dtype=dtype)
-        self.head_dist = _dense(rngs, dim, cfg.num_classes, dtype=dtype) \
-            if cfg.distill_token else None
+        self.head = _dense(rngs, dim, cfg.num_classes, dtype=dtype, axes=("embed", "classes"))
+        self.head_dist = _dense(rngs, dim, cfg.num_classes, dtype=dtype,
+                                axes=("embed", "classes")) if cfg.distill_token else None
         self.lookup = TokenLearner(dim, cfg.reduction.num_tokens, dtype=dtype, rngs=rngs) \
             if cfg.reduction.method == "lookup" else None
 
@@ -471,7 +495,8 @@ class VisionTransformer(nnx.Module):
         """Returns (logits [B, classes], aux).
 
         aux holds "features" (pre-logits [B, D]), "tokens" (tokens entering each block, then
-        the final count; static ints), "size" [B, M, 1], "kept_idx" per pruning layer, and,
+        the final count; static ints), "size" [B, M, 1], "kept_idx" per pruning layer,
+        "last_hidden_state" [B, M, D] (all tokens after the final norm, prefix first), and,
         with cfg.trace_source, "source_index" [B, N0] (the token each input patch ended in,
         -1 if dropped; `tokens.source_matrix` makes it dense).
         `reduction` overrides the config's reducer (e.g. a keep-rate warm-up); it is static.
@@ -482,7 +507,7 @@ class VisionTransformer(nnx.Module):
         if red.method == "lookup" and self.lookup is None:
             raise ValueError("reduction.method='lookup' needs a model built with it "
                              "(its TokenLearner has parameters)")
-        x = self.embed(images)
+        x = shd.constrain(self.embed(images), _ACT)
         b = x.shape[0]
         size = tk.init_size(x)
         source_index = tk.init_source_index(b, x.shape[1]) if cfg.trace_source else None
@@ -494,12 +519,17 @@ class VisionTransformer(nnx.Module):
             x, st = blk.attend(x, key_size=key_size, stats=self._stats_for(spec, red))
             if spec.op != "none":
                 layer_key = None if key is None else jax.random.fold_in(key, l)
-                x, size, plan, extra = self._reduce(spec, red, x, size, st, layer_key)
+                if spec.op == "lookup" or (spec.op == "prune" and red.score == "random"):
+                    x, size, plan, extra = self._reduce(spec, red, x, size, st, layer_key)
+                else:  # top-k / sort selection: on each device's own examples under a mesh
+                    x, size, plan, extra = shd.per_example(
+                        lambda x_, s_, st_, spec=spec: self._reduce(spec, red, x_, s_, st_,
+                                                                    None), x, size, st)
                 if source_index is not None:
                     source_index = tk.update_source_index(source_index, plan.assignment)
                 if "kept_idx" in extra:
                     kept.append(extra["kept_idx"])
-            x = blk.feed_forward(x)
+            x = shd.constrain(blk.feed_forward(x), _ACT)
         x = self.norm(x)
         if cfg.global_pool == "token":
             feats = x[:, 0]
@@ -509,7 +539,7 @@ class VisionTransformer(nnx.Module):
             feats = (x[:, p:] * w).sum(axis=1) / w.sum(axis=1)
         logits = self.head(feats)
         aux = {"features": feats, "tokens": cfg.token_counts(red), "size": size,
-               "kept_idx": kept}
+               "kept_idx": kept, "last_hidden_state": x}
         if source_index is not None:
             aux["source_index"] = source_index
         if self.head_dist is not None:
