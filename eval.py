@@ -1,0 +1,347 @@
+"""Evaluate a trained ViT: accuracy, throughput, GFLOPs and tokens per block, over budgets.
+
+    python eval.py --workdir /tmp/fm                      # latest checkpoint of a train.py run
+    python eval.py --checkpoint /tmp/fm/export            # an export (params + config.json)
+    python eval.py --checkpoint /tmp/fm/checkpoints/702   # one training checkpoint
+    python eval.py --workdir /tmp/fm_tome --sweep r=0,4,8,10,12
+    python eval.py --workdir /tmp/fm_evit --sweep keep_rate=1.0,0.7,0.5,0.3 --visualize 4
+
+Prints top-1 / top-5 accuracy over the eval split, images/s of the compiled forward pass on one
+eval batch (all budgets timed side by side in interleaved rounds; the median round is reported),
+GFLOPs per image from XLA's cost analysis of the compiled forward pass (and the analytic
+estimate), and the tokens entering each block. `--sweep` evaluates several budgets of the same
+parameters in one run and prints a markdown table. `--visualize N` writes a PNG per image
+showing which patches each output token gathers (merged groups for ToMe, kept/dropped patches
+for pruning). `--config` (with `--config.x=y`) overrides the run's config, e.g. the data dir
+or the eval reduction; the architecture must match the checkpoint's.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jax_tokens import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (default: the config stored with the checkpoint).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir: its latest checkpoint.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "An export dir, a training checkpoint step dir, or a .safetensors file "
+    "(timm names; needs --config).")
+_SWEEP = flags.DEFINE_string(
+    "sweep", None, "Budgets to compare, e.g. r=0,4,8,12 (ToMe) or keep_rate=1.0,0.7,0.5 "
+    "(pruning at config.model.reduction.layers).")
+_VISUALIZE = flags.DEFINE_integer("visualize", 0, "Write a PNG for each of the first N eval "
+                                  "images.")
+_VISUALIZE_DIR = flags.DEFINE_string("visualize_dir", None, "Where the PNGs go (default: "
+                                     "<workdir or checkpoint>/visualize).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Eval batch size (default: "
+                                   "config.eval.batch_size).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Evaluate accuracy on the first N "
+                                     "examples only.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (median reported).")
+_JSON = flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _parse_sweep(spec: str, cfg, clamp_r: bool):
+    """'r=0,4,8' / 'keep_rate=1,0.7,0.5' -> [(label, ReductionConfig)]."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    if "=" not in spec:
+        raise trainer.ConfigError(f"--sweep={spec!r} must look like r=0,4,8 or "
+                                  "keep_rate=1.0,0.7,0.5")
+    key, values = spec.split("=", 1)
+    key = key.strip()
+    base = cfg.reduction
+    out = []
+    for v in [v.strip() for v in values.split(",") if v.strip()]:
+        if key == "r":
+            r = int(v)
+            prop = base.prop_attn if base.method == "tome" else True
+            red = dataclasses.replace(base, method="tome" if r else "none", r=r, prop_attn=prop)
+            label = f"r={r}"
+        elif key == "keep_rate":
+            rate = float(v)
+            layers = base.layers if base.method == "prune" else ()
+            if not layers:
+                raise trainer.ConfigError(
+                    "--sweep keep_rate=... prunes at config.model.reduction.layers, which this "
+                    "model's config does not set (pass --config with "
+                    "--config.model.reduction.layers=(1,))")
+            red = dataclasses.replace(base, method="prune", keep_rate=rate, layers=layers)
+            label = f"keep_rate={rate:g}"
+        else:
+            raise trainer.ConfigError(f"--sweep key {key!r} is not one of r, keep_rate")
+        if base.method == "lookup":
+            raise trainer.ConfigError("--sweep is not supported for lookup models (num_tokens "
+                                      "changes the parameters)")
+        trainer.check_budgets(cfg, red, clamp_r=clamp_r)
+        out.append((label, red))
+    if not out:
+        raise trainer.ConfigError(f"--sweep={spec!r} lists no values")
+    return out
+
+
+def _label(red) -> str:
+    if red.method == "tome":
+        return f"tome r={red.r}"
+    if red.method == "prune":
+        return f"prune keep_rate={red.keep_rate} at {list(red.layers)}"
+    if red.method == "lookup":
+        return f"lookup {red.num_tokens} tokens at {list(red.layers)}"
+    return "none"
+
+
+def _load(mesh, rules):
+    """(config, cfg, graphdef, params, rest, out_dir) from --workdir / --checkpoint."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    from jax_tokens import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+    from jax_tokens.models import convert  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    user_config = _CONFIG.value
+    if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+        raise trainer.ConfigError("pass exactly one of --workdir and --checkpoint")
+    path = _WORKDIR.value or _CHECKPOINT.value
+    if not os.path.exists(path):
+        raise ckpt_lib.CheckpointError(f"{path} does not exist")
+
+    def merged(saved: dict | None):
+        if user_config is not None:
+            config = user_config
+            if saved is not None:
+                diff = [d for d in trainer.config_diff(saved, config, ())
+                        if d.startswith("model.") and not d.startswith("model.reduction.")]
+                if diff:
+                    raise ckpt_lib.CheckpointMismatchError(
+                        f"--config describes a different model than the checkpoint in {path}:"
+                        "\n  " + "\n  ".join(diff))
+            return config
+        if saved is None:
+            raise trainer.ConfigError(f"{path} holds no training config: pass --config")
+        config = ml_collections.ConfigDict(saved)
+        trainer.check_config(config)
+        return config
+
+    if path.endswith(".safetensors"):
+        if user_config is None:
+            raise trainer.ConfigError("a .safetensors checkpoint needs --config (the model)")
+        config = user_config
+        data_dir = trainer.ensure_dataset(config)
+        cfg = trainer.dataset_model_config(config, data_dir)
+        model = convert.load_safetensors(path, cfg)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return config, cfg, graphdef, params, rest, os.path.dirname(os.path.abspath(path))
+
+    if os.path.isfile(os.path.join(path, "config.json")) and \
+            os.path.isdir(os.path.join(path, "params")):                       # an export
+        saved = None
+        train_cfg = os.path.join(path, "train_config.json")
+        if os.path.isfile(train_cfg):
+            with open(train_cfg) as f:
+                saved = json.load(f)
+        config = merged(saved)
+        cfg, graphdef, params, rest = ckpt_lib.load_export(path, mesh, rules)
+        trainer.ensure_dataset(config)
+        return config, _with_reduction(config, cfg), graphdef, params, rest, path
+
+    if _WORKDIR.value:
+        directory = os.path.join(path, "checkpoints")
+        if not os.path.isdir(directory):
+            raise ckpt_lib.CheckpointError(f"no committed checkpoint in {directory}")
+        checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ckpt_lib.CheckpointError(f"no committed checkpoint in {directory}")
+        out_dir = path
+    else:                                                                       # a step dir
+        directory, name = os.path.split(os.path.abspath(path.rstrip("/")))
+        if not name.isdigit():
+            raise ckpt_lib.CheckpointError(
+                f"{path} is neither an export (config.json + params/), a training checkpoint "
+                "step directory (checkpoints/<step>) nor a .safetensors file")
+        checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
+        step = int(name)
+        if step not in checkpointer.all_steps():
+            raise ckpt_lib.CheckpointError(f"{path} is not a committed checkpoint (steps in "
+                                           f"{directory}: {checkpointer.all_steps()})")
+        out_dir = os.path.dirname(directory)
+    saved = checkpointer.read_config(step)
+    config = merged(saved)
+    saved = ml_collections.ConfigDict(saved)
+    data_dir = trainer.ensure_dataset(config)
+    train_cfg = trainer.dataset_model_config(saved, data_dir)
+    tx, _ = trainer.make_optimizer(saved, 1, 1)       # only its state's structure is used
+    import jax  # pylint: disable=import-outside-toplevel
+    graphdef, abstract_state, rest, _ = trainer.init_model(train_cfg, 0, mesh, rules, tx=tx,
+                                                           abstract=True)
+    if jax.tree.leaves(rest):       # constants such as a sin-cos table are not checkpointed
+        _, _, rest, _ = trainer.init_model(train_cfg, 0, mesh, rules)
+    state = checkpointer.restore(step, abstract_state)
+    print(f"checkpoint: step {step} in {directory}", flush=True)
+    cfg = trainer.dataset_model_config(config, data_dir)
+    return config, cfg, graphdef, state.params, rest, out_dir
+
+
+def _with_reduction(config, cfg):
+    """The export's ViTConfig with the eval config's reduction (same architecture)."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    return dataclasses.replace(cfg, reduction=trainer.reduction_config(config.model.reduction))
+
+
+def _display_images(batch, spec, n: int, scale: int):
+    """uint8 RGB [n, H*scale, W*scale, 3] from normalised eval images."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    x = np.asarray(batch["image"][:n], np.float32)
+    if spec.mean is not None:
+        x = x * np.asarray(spec.std, np.float32) + np.asarray(spec.mean, np.float32)
+    x = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def _visualize(entries, params, rest, batch, spec, cfg, n: int, out_dir: str, mesh, rules):
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    try:
+        from jax_tokens import visualize as vis  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise NotImplementedError("--visualize needs jax_tokens.visualize, which is not "
+                                  "available") from e
+    n = min(n, batch["image"].shape[0])
+    scale = max(1, 224 // cfg.img_size)
+    photos = _display_images(batch, spec, n, scale)
+    # The same parameters in a model that tracks which patches each token covers.
+    traced = dataclasses.replace(cfg, trace_source=True)
+    graphdef, _, _, _ = trainer.init_model(traced, 0, mesh, rules, abstract=True)
+    sources = {}
+    for label, red in entries:
+        forward = jax.jit(trainer.make_forward(graphdef, red))
+        _, aux = forward(params, rest, batch["image"][:n])
+        sources[label] = np.asarray(jax.device_get(aux["source_index"]))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(n):
+        tiles, labels = [photos[i]], ["input"]
+        for label, red in entries:
+            src = sources[label][i]
+            if red.method == "prune":
+                img = vis.draw_kept_patches(photos[i], src, cfg.grid,
+                                            num_prefix_tokens=cfg.num_prefix_tokens)
+            else:
+                img = vis.draw_merge_groups(photos[i], src, cfg.grid,
+                                            num_prefix_tokens=cfg.num_prefix_tokens)
+            tiles.append(img)
+            labels.append(label)
+        path = os.path.join(out_dir, f"image_{i:03d}.png")
+        vis.side_by_side(tiles, labels=labels, path=path)
+        paths.append(path)
+    return paths
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    from jax_tokens import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+    from jax_tokens import data as data_lib  # pylint: disable=import-outside-toplevel
+    try:
+        return _run()
+    except (trainer.ConfigError, ckpt_lib.CheckpointError, data_lib.DatasetNotPreparedError,
+            NotImplementedError) as e:
+        return _fail(str(e))
+
+
+def _run() -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax_tokens import sharding as shd  # pylint: disable=import-outside-toplevel
+
+    mesh, rules = trainer.make_mesh_and_rules(_CONFIG.value)
+    with shd.use_mesh(mesh, rules):
+        config, cfg, graphdef, params, rest, out_dir = _load(mesh, rules)
+        clamp = bool(config.model.reduction.get("clamp_r", False))
+        entries = (_parse_sweep(_SWEEP.value, cfg, clamp) if _SWEEP.value
+                   else [(_label(cfg.reduction), cfg.reduction)])
+        data_dir = trainer.ensure_dataset(config)
+        batch_size = _BATCH_SIZE.value or config.eval.batch_size
+        loader = trainer.make_eval_loader(config, data_dir, batch_size)
+        max_examples = _MAX_EXAMPLES.value if _MAX_EXAMPLES.value is not None \
+            else config.eval.max_examples
+        first = next(iter(loader))
+        batch = shd.put_batch(first, mesh, rules)
+        p_sh = shd.state_shardings(mesh, params, rules)
+        r_sh = shd.state_shardings(mesh, rest, rules)
+
+        # One compiled eval step (forward pass + top-k) per budget: it gives the accuracy, the
+        # GFLOPs (XLA's cost analysis of this very executable) and the timing.
+        rows, compiled = [], {}
+        for label, red in entries:
+            step = trainer.jit_eval_step(trainer.make_eval_step(graphdef, red), mesh, p_sh, r_sh,
+                                         rules)
+            compiled[label] = step.lower(params, rest, batch).compile()
+            acc = trainer.evaluate(compiled[label], params, rest, loader, mesh, rules,
+                                   max_examples=max_examples)
+            gflops = trainer.compiled_gflops(compiled[label])
+            rows.append({"budget": label, "method": red.method,
+                         "tokens": cfg.token_counts(red), "top1": acc["top1"],
+                         "top5": acc["top5"], "loss": acc["loss"], "examples": acc["examples"],
+                         "gflops_xla": None if gflops is None else gflops / batch_size,
+                         "gflops_estimate": cfg.flops(red) / 1e9})
+            print(f"{label}: top-1 {acc['top1']:.4f} top-5 {acc['top5']:.4f} "
+                  f"({acc['examples']} examples)", flush=True)
+        speed = trainer.measure_throughput(compiled, (params, rest, batch),
+                                           batch_size=batch_size, rounds=_ROUNDS.value)
+        base = speed[entries[0][0]]
+        for row in rows:
+            row["images_per_s"] = speed[row["budget"]]
+            row["speedup"] = speed[row["budget"]] / base
+
+        print()
+        print(f"model: {cfg.embed_dim}-dim x {cfg.depth} blocks, {cfg.num_tokens} tokens; "
+              f"{jax.default_backend()} x {len(mesh.devices.flat)}; eval batch {batch_size}; "
+              f"images/s: the compiled eval step (forward + top-k) on one batch, median of "
+              f"{_ROUNDS.value} interleaved rounds")
+        print()
+        print("| budget | tokens per block | top-1 | top-5 | images/s | speed-up | "
+              "GFLOPs (XLA) | GFLOPs (estimate) |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            gx = "n/a" if row["gflops_xla"] is None else f"{row['gflops_xla']:.4f}"
+            print(f"| {row['budget']} | {' '.join(map(str, row['tokens']))} | "
+                  f"{100 * row['top1']:.2f} | {100 * row['top5']:.2f} | "
+                  f"{row['images_per_s']:.0f} | {row['speedup']:.2f}x | {gx} | "
+                  f"{row['gflops_estimate']:.4f} |")
+        sys.stdout.flush()
+
+        if _VISUALIZE.value:
+            out = _VISUALIZE_DIR.value or os.path.join(out_dir, "visualize")
+            spec = loader.spec
+            paths = _visualize(entries, params, rest, first, spec, cfg, _VISUALIZE.value, out,
+                               mesh, rules)
+            print(f"\nwrote {len(paths)} PNGs to {out}")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"rows": rows, "batch_size": batch_size,
+                       "backend": jax.default_backend(), "time": time.time()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        trainer.check_override_flags(sys.argv[1:], None)
+    except trainer.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main)

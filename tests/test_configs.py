@@ -1,0 +1,166 @@
+"""Config files, the schema, overrides and budget checks (no training)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jax_tokens import trainer
+from jax_tokens.models.vit import ReductionConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _cfg(name: str) -> str:
+    return str(CONFIGS / name)
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist_vit.py", "fashion_mnist_tome.py",
+                                  "fashion_mnist_evit.py", "fashion_mnist_lookup.py",
+                                  "imagenet_deit_s.py", "imagenet_deit_s.py:tome",
+                                  "imagenet_deit_s.py:evit", "imagenet_deit_s.py:lookup",
+                                  "imagenet_deit_b.py", "imagenet_deit_b.py:tome",
+                                  "imagenet_deit_b.py:evit"])
+def test_config_files_load_and_convert(name):
+    config = trainer.load_config(_cfg(name))
+    cfg = trainer.vit_config(config)
+    expected = {"tome": "tome", "evit": "prune", "lookup": "lookup"}
+    method = next((v for k, v in expected.items() if k in name), "none")
+    assert cfg.reduction.method == method
+    if name.startswith("fashion_mnist"):
+        assert (cfg.img_size, cfg.patch_size, cfg.num_tokens) == (28, 4, 50)
+    else:
+        assert cfg.num_tokens == 197
+        assert cfg.embed_dim == (768 if "deit_b" in name else 384)
+    counts = cfg.token_counts()
+    assert counts[0] == cfg.num_tokens
+    if method != "none":
+        assert counts[-1] < cfg.num_tokens
+
+
+def test_unknown_imagenet_argument():
+    with pytest.raises(trainer.ConfigError, match="not one of"):
+        trainer.load_config(_cfg("imagenet_deit_s.py:foo"))
+
+
+def test_overrides_and_unknown_keys_list_valid_ones():
+    config = trainer.load_config(_cfg("fashion_mnist_tome.py"), {"model.reduction.r": 6})
+    assert trainer.vit_config(config).reduction.r == 6
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.load_config(_cfg("fashion_mnist_vit.py"), {"model.reduction.rr": 3})
+    msg = str(e.value)
+    assert "config.model.reduction.rr" in msg and "keep_rate" in msg and "num_tokens" in msg
+    with pytest.raises(trainer.ConfigError, match="valid keys there: .*model.*train"):
+        trainer.load_config(_cfg("fashion_mnist_vit.py"), {"trian.lr": 1.0})
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("from jax_tokens.trainer import default_config\n"
+                    "def get_config(arg=None):\n"
+                    "    c = default_config()\n"
+                    "    c.train.unlock()\n"
+                    "    c.train.learning_rate = 1.0\n"
+                    "    return c\n")
+    with pytest.raises(trainer.ConfigError, match=r"config.train.learning_rate.*valid keys"):
+        trainer.load_config(str(path))
+
+
+def test_check_override_flags():
+    trainer.check_override_flags(["--config", _cfg("fashion_mnist_vit.py"),
+                                  "--config.train.lr=0.1", "--workdir", "x"], None)
+    with pytest.raises(trainer.ConfigError, match="valid keys there"):
+        trainer.check_override_flags([f"--config={_cfg('fashion_mnist_vit.py')}",
+                                      "--config.model.depthh=3"], None)
+    with pytest.raises(trainer.ConfigError, match="pass --config"):
+        trainer.check_override_flags(["--config.model.depth=3"], None)
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"model.reduction.method": "tome", "model.reduction.r": 30},
+     r"block 0 to merge r=30 tokens, but only 50 tokens enter it"),
+    ({"model.reduction.method": "tome", "model.reduction.r": (10, 10, 10, 12)},
+     r"block 3 to merge r=12 tokens, but only 20 tokens enter it"),
+    ({"model.reduction.method": "lookup", "model.reduction.layers": (2,),
+      "model.reduction.num_tokens": 49}, r"num_tokens=49 at block 2"),
+    ({"model.reduction.method": "prune", "model.reduction.layers": (1, 7)},
+     r"contains 7, but the model has 4 blocks"),
+    ({"model.reduction.method": "prune", "model.reduction.layers": (1, 2),
+      "model.reduction.keep_rate": (0.5, 1.5)}, r"layer 2"),
+])
+def test_budgets_exceeding_tokens_name_the_layer(overrides, pattern):
+    config = trainer.load_config(_cfg("fashion_mnist_vit.py"), overrides)
+    with pytest.raises(trainer.ConfigError, match=pattern):
+        trainer.vit_config(config)
+
+
+def test_tome_clamp_r_allows_tome_semantics():
+    config = trainer.load_config(_cfg("fashion_mnist_vit.py"), {
+        "model.reduction.method": "tome", "model.reduction.r": 16,
+        "model.reduction.clamp_r": True})
+    assert trainer.vit_config(config).token_counts() == [50, 34, 18, 10, 6]
+
+
+def test_budget_phases_evit_cosine_levels():
+    config = trainer.load_config(_cfg("fashion_mnist_evit.py"))
+    cfg = trainer.vit_config(config)
+    phases = trainer.budget_phases(config, cfg, 1000)
+    assert [p.start for p in phases] == [0, 133, 266, 400]
+    assert [p.reduction.keep_rate for p in phases] == pytest.approx([1.0, 0.875, 0.625, 0.5])
+    assert cfg.token_counts(phases[0].reduction) == [50] * 5
+    assert phases[-1].reduction == cfg.reduction
+    assert trainer.phase_at(phases, 0) == 0 and trainer.phase_at(phases, 399) == 2
+    assert trainer.phase_at(phases, 400) == 3 and trainer.phase_at(phases, 999) == 3
+
+
+def test_budget_phases_tome_linear_and_off():
+    config = trainer.load_config(_cfg("fashion_mnist_tome.py"), {
+        "budget_warmup.fraction": 0.5, "budget_warmup.levels": 2,
+        "budget_warmup.shape": "linear", "budget_warmup.start_fraction": 0.1})
+    cfg = trainer.vit_config(config)
+    phases = trainer.budget_phases(config, cfg, 100)
+    assert [(p.start, p.reduction.r) for p in phases] == [(0, (0, 0, 0, 0)), (35, (6, 6, 6, 6)),
+                                                         (60, 12)]
+    base = trainer.load_config(_cfg("fashion_mnist_tome.py"))
+    assert trainer.budget_phases(base, cfg, 100) == [trainer.Phase(0, cfg.reduction)]
+
+
+def test_config_diff_ignores_runtime_keys():
+    a = trainer.load_config(_cfg("fashion_mnist_vit.py"))
+    b = trainer.load_config(_cfg("fashion_mnist_vit.py"), {
+        "model.embed_dim": 96, "data.data_dir": "/elsewhere", "checkpoint.keep": 5})
+    assert trainer.config_diff(a, b) == ["model.embed_dim: 64 -> 96"]
+    assert trainer.config_diff(trainer.config_to_dict(a), a) == []
+
+
+def test_reduction_config_conversion():
+    config = trainer.load_config(_cfg("fashion_mnist_evit.py"))
+    red = trainer.reduction_config(config.model.reduction)
+    assert red == ReductionConfig(method="prune", keep_rate=0.5, layers=(1,), fuse=True)
+
+
+def _run_cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_unknown_key_and_budget_errors(tmp_path):
+    out = _run_cli("train.py", "--config", _cfg("fashion_mnist_vit.py"), "--workdir",
+                   str(tmp_path / "w"), "--config.model.reduction.rr=3")
+    assert out.returncode == 2, out.stderr
+    assert "unknown config key 'config.model.reduction.rr'" in out.stderr
+    assert "keep_rate" in out.stderr and "num_tokens" in out.stderr
+    # Budget errors come before the data is looked at (the data dir does not exist) and before
+    # anything is written to the workdir.
+    out = _run_cli("train.py", "--config", _cfg("fashion_mnist_vit.py"), "--workdir",
+                   str(tmp_path / "w"), "--config.model.reduction.method=tome",
+                   "--config.model.reduction.r=30",
+                   f"--config.data.data_dir={tmp_path / 'no_data'}")
+    assert out.returncode == 1, out.stderr
+    assert "block 0 to merge r=30" in out.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "no_data").exists()

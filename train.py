@@ -1,0 +1,69 @@
+"""Train a ViT with (or without) token reduction.
+
+    python train.py --config configs/fashion_mnist_vit.py --workdir /tmp/fm
+    python train.py --config configs/fashion_mnist_tome.py --workdir /tmp/fm_tome \
+        --config.model.reduction.r=8 --config.train.epochs=2
+    python train.py --config configs/imagenet_deit_s.py:evit --workdir DIR \
+        --config.data.data_dir=/path/to/tensorflow_datasets
+
+`--config` is a Python file with get_config() (optionally `file.py:arg`); `--config.a.b=value`
+overrides one key (unknown keys are an error listing the valid ones). Running again with the
+same --workdir resumes from its latest checkpoint, exactly; a checkpoint written with a
+different config is an error naming the differences. Outputs in the workdir: checkpoints/,
+metrics.jsonl, tensorboard/, config.json, results.json and export/ (params + config,
+model.safetensors with timm names).
+"""
+
+import os
+import sys
+import time
+
+_T0 = time.perf_counter()
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jax_tokens import trainer  # noqa: E402
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "fashion_mnist_vit.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Config file (get_config); `file.py:arg` passes arg.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and exports go; an "
+                               "existing checkpoint there is resumed.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jax_tokens import checkpoint, data  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every save at INFO
+    config = _CONFIG.value
+    try:
+        from jax_tokens import sharding  # pylint: disable=import-outside-toplevel
+        sharding.maybe_initialize_distributed(config)   # before anything touches a device
+        result = trainer.train(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
+    except (trainer.ConfigError, checkpoint.CheckpointError,
+            data.DatasetNotPreparedError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    wall = time.perf_counter() - _T0
+    acc = "" if result["top1"] is None else \
+        f", test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}"
+    print(f"done: {result['step']} steps{acc}; training {result['train_seconds']:.0f} s "
+          f"({result['train_images_per_s']} images/s, first step incl. compile "
+          f"{result['compile_seconds']:.0f} s), end to end {wall:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        trainer.check_override_flags(sys.argv[1:], _DEFAULT_CONFIG)
+    except trainer.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main)
