@@ -351,15 +351,6 @@ def unmerge(plan: MergePlan, x: jax.Array, *, reference_layout: bool = False) ->
     return tk.invert_by_assignment(x, plan.assignment)
 
 
-def matching_fn(name: str):
-    """The matching function for a config name: 'bipartite', 'kth' or 'random'."""
-    table = {"bipartite": bipartite_soft_matching, "kth": kth_bipartite_soft_matching,
-             "random": random_bipartite_soft_matching}
-    if name not in table:
-        raise ValueError(f"matching={name!r} is not one of {sorted(table)}")
-    return table[name]
-
-
 def merge_schedule(num_layers: int, r: int | tuple | Sequence[int]) -> list[int]:
     """Alias of `parse_r` (per-layer r from an int, an (r, inflection) pair, or a list)."""
     return parse_r(num_layers, r)

@@ -538,7 +538,7 @@ class VisionTransformer(nnx.Module):
             w = size[:, p:]
             feats = (x[:, p:] * w).sum(axis=1) / w.sum(axis=1)
         logits = self.head(feats)
-        aux = {"features": feats, "tokens": cfg.token_counts(red), "size": size,
+        aux = {"features": feats, "tokens": [s.n_in for s in specs] + [specs[-1].n_out], "size": size,
                "kept_idx": kept, "last_hidden_state": x}
         if source_index is not None:
             aux["source_index"] = source_index
