@@ -828,6 +828,12 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
         start_step = int(jax.device_get(state.step))
 
         steps: dict[int, Callable] = {}
+        # The loop carries the train state as a flat list of arrays: flattening a TrainState of
+        # nnx Variables and rebuilding it from the outputs costs ~10 ms of Python per step,
+        # which on a small CPU machine competes with the step itself. The TrainState is
+        # rebuilt only where it is needed (checkpoints, evaluation, export).
+        state_leaves, state_def = jax.tree.flatten(state)
+        leaf_shardings = state_def.flatten_up_to(state_sharding)
 
         def train_step_for(i: int) -> Callable:
             if i not in steps:
@@ -835,17 +841,25 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
                                      reduction=phases[i].reduction,
                                      label_smoothing=t.label_smoothing,
                                      grad_accum_steps=t.grad_accum_steps)
-                steps[i] = jax.jit(fn, in_shardings=(state_sharding, rest_sharding,
-                                                     shd.batch_sharding(mesh, rules)),
-                                   out_shardings=(state_sharding, shd.replicated(mesh)),
+
+                def flat_fn(leaves, rest, batch, fn=fn):
+                    new_state, metrics = fn(state_def.unflatten(leaves), rest, batch)
+                    return state_def.flatten_up_to(new_state), metrics
+
+                steps[i] = jax.jit(flat_fn, in_shardings=(leaf_shardings, rest_sharding,
+                                                          shd.batch_sharding(mesh, rules)),
+                                   out_shardings=(leaf_shardings, shd.replicated(mesh)),
                                    donate_argnums=(0,))
             return steps[i]
+
+        def current_state() -> TrainState:
+            return state_def.unflatten(state_leaves)
 
         eval_step = jit_eval_step(make_eval_step(graphdef, cfg.reduction), mesh,
                                   state_sharding.params, rest_sharding, rules)
 
         def run_eval(step: int) -> dict:
-            res = evaluate(eval_step, state.params, rest, eval_loader, mesh, rules,
+            res = evaluate(eval_step, current_state().params, rest, eval_loader, mesh, rules,
                            max_examples=config.eval.max_examples)
             writer.write(step, {"eval/top1": res["top1"], "eval/top5": res["top5"],
                                 "eval/loss": res["loss"]})
@@ -866,7 +880,7 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
                 batch = shd.put_batch(next(loader), mesh, rules)
                 fn = train_step_for(phase)
                 t_call = time.perf_counter()
-                state, metrics = fn(state, rest, batch)
+                state_leaves, metrics = fn(state_leaves, rest, batch)
                 step += 1
                 pending.append(metrics)
                 progress.advance()
@@ -891,7 +905,7 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
                     progress.show(step, info, eta)
                     interval_t0, interval_images = now, 0
                 if checkpointer.should_save(step) or step == total_steps:
-                    checkpointer.save(step, state, data_iterator=loader.iterator,
+                    checkpointer.save(step, current_state(), data_iterator=loader.iterator,
                                       config=config_json, force=step == total_steps)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 \
                         and step != total_steps:
@@ -913,7 +927,7 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
                 f"({eval_res['examples']} examples)")
         if config.checkpoint.export:
             export_dir = os.path.join(workdir, "export")
-            ckpt_lib.export(export_dir, graphdef, state.params, rest, cfg,
+            ckpt_lib.export(export_dir, graphdef, current_state().params, rest, cfg,
                             train_config=config_json)
             log(f"exported parameters + config to {export_dir} (model.safetensors: timm names)")
     writer.close()
