@@ -6,7 +6,8 @@ in TPU interpret mode (`pltpu.InterpretParams`: simulated VMEM, NaN-filled unini
 memory, out-of-bounds reads raise) for one small case with every feature. The lowering test
 runs the real Mosaic and Triton lowering passes from CPU. Every case checks the output, all four
 statistics and the gradients of q, k, v (and of key_size / bias where given) in one jitted
-function, so each case costs one compile.
+function, so each case costs one compile. On a machine with a GPU,
+`test_gpu_kernels_compiled_match_oracle` also compiles the Triton kernels for it (skipped in CI).
 
 Tolerances (max error <= tol * max|reference|, elementwise rtol = tol):
   float32:  1e-4 for everything.
