@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from jax_tokens.attention import xla
 
@@ -13,26 +12,30 @@ STATS = ("lse", "cls_probs", "key_mass", "mean_key")
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
 
-def _check(q, k, v, bias, key_size, stats, impl):
+def check_inputs(q, k, v, bias, key_size, stats) -> None:
+    """Shapes and statistic names every implementation requires (the Pallas kernels add their
+    own dtype, scale and block checks on top)."""
     for name, a in (("q", q), ("k", k), ("v", v)):
-        if a.ndim != 4:
+        if getattr(a, "ndim", None) != 4:
             raise ValueError(f"{name} must have rank 4 [batch, tokens, heads, head_dim]; "
-                             f"got shape {a.shape}")
+                             f"got shape {getattr(a, 'shape', None)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {k.shape}, v {v.shape}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {q.shape} and k {k.shape} must agree in batch, heads and head_dim")
-    if key_size is not None and key_size.shape != k.shape[:2]:
-        raise ValueError(f"key_size must have shape [batch, keys] = {k.shape[:2]}; "
-                         f"got {key_size.shape}")
+    b, nq, h, _ = q.shape
+    nk = k.shape[1]
+    if key_size is not None and tuple(key_size.shape) != (b, nk):
+        raise ValueError(f"key_size must have shape [batch, keys] = {(b, nk)}; "
+                         f"got {tuple(key_size.shape)}")
+    if bias is not None:
+        want = (b, h, nq, nk)
+        if bias.ndim != 4 or any(s not in (1, w) for s, w in zip(bias.shape, want)):
+            raise ValueError(f"bias must broadcast to [batch, heads, queries, keys] = {want}; "
+                             f"got shape {tuple(bias.shape)}")
     bad = [s for s in stats if s not in STATS]
     if bad:
         raise ValueError(f"stats={tuple(stats)!r} contains unknown {bad}; allowed: {STATS}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-    if bias is not None and bias.ndim != 4:
-        raise ValueError(f"bias must broadcast to [batch, heads, queries, keys]; "
-                         f"got shape {bias.shape}")
 
 
 def resolve_impl(impl: str) -> str:
@@ -75,7 +78,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
       (out [B, Nq, H, D] in q's dtype, dict of the requested statistics).
     """
     stats = tuple(stats)
-    _check(q, k, v, bias, key_size, stats, impl)
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    check_inputs(q, k, v, bias, key_size, stats)
     impl = resolve_impl(impl)
     kwargs = dict(bias=bias, key_size=key_size, causal=causal, stats=stats,
                   query_index=query_index, scale=scale)

@@ -37,9 +37,9 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from jax_tokens.attention import pallas_gpu, pallas_tpu
+from jax_tokens.attention.api import check_inputs
 
 BACKENDS = ("tpu", "gpu")
-STATS = ("lse", "cls_probs", "key_mass", "mean_key")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MODULES = {"tpu": pallas_tpu, "gpu": pallas_gpu}
 
@@ -88,34 +88,15 @@ def _round_up(n: int, m: int) -> int:
 def _check(q, k, v, backend, bias, key_size, stats, scale, block_q, block_k):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    check_inputs(q, k, v, bias, key_size, stats)
     for name, a in (("q", q), ("k", k), ("v", v)):
-        if getattr(a, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, tokens, heads, head_dim]; "
-                             f"got shape {getattr(a, 'shape', None)}")
         if jnp.dtype(a.dtype) not in DTYPES:
             raise TypeError(f"{name} has dtype {a.dtype}; the Pallas kernels take float32 or "
                             "bfloat16")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {k.shape}, v {v.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q {q.shape} and k {k.shape} must agree in batch, heads and head_dim")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k need at least one token; got q {q.shape}, k {k.shape}")
-    b, nq, h, _ = q.shape
-    nk = k.shape[1]
-    if key_size is not None and tuple(key_size.shape) != (b, nk):
-        raise ValueError(f"key_size must have shape [batch, keys] = {(b, nk)}; "
-                         f"got {tuple(key_size.shape)}")
-    if bias is not None:
-        want = (b, h, nq, nk)
-        if bias.ndim != 4 or any(s not in (1, w) for s, w in zip(bias.shape, want)):
-            raise ValueError(f"bias must broadcast to [batch, heads, queries, keys] = {want}; "
-                             f"got shape {tuple(bias.shape)}")
-    bad = [s for s in stats if s not in STATS]
-    if bad:
-        raise ValueError(f"stats={tuple(stats)!r} contains unknown {bad}; allowed: {STATS}")
     if scale is not None:
         try:
             float(scale)

@@ -87,6 +87,32 @@ def first_q_block(j, bq, bk, offset, nq_blocks):
     return jnp.minimum(lax.div(jnp.maximum(j * bk - offset, 0), bq), nq_blocks - 1)
 
 
+def _key_block_map(cfg, nk_blocks):
+    """Key-block index of a (batch, head, query block i, key block j) grid step. Causal: steps
+    past the last block query block i needs re-read that block (an unchanged block index, so
+    Pallas skips the copy; the kernel skips the step)."""
+    offset = cfg.nk - cfg.nq
+
+    def kmap(b_, h_, i, j):
+        if cfg.causal:
+            last = last_k_block(i, cfg.block_q, cfg.block_k, offset, nk_blocks)
+            j = jnp.maximum(jnp.minimum(j, last), 0)
+        return j
+    return kmap
+
+
+def _query_block_map(cfg, nq_blocks):
+    """Query-block index of a (batch, head, key block j, query block i) grid step. Causal:
+    steps before the first query block that sees key block j re-read that block."""
+    offset = cfg.nk - cfg.nq
+
+    def qmap(b_, h_, j, i):
+        if cfg.causal:
+            i = jnp.maximum(i, first_q_block(j, cfg.block_q, cfg.block_k, offset, nq_blocks))
+        return i
+    return qmap
+
+
 def _block_needed(i, j, bq, bk, offset):
     """Causal: does query block i see any key of key block j?"""
     return j * bk <= (i + 1) * bq - 1 + offset
@@ -181,10 +207,7 @@ def forward(q, k, v, kb, bias, cfg):
     offset = cfg.nk - cfg.nq
     has_bias = bias is not None
 
-    def kmap(b_, h_, i, j):
-        if cfg.causal:
-            j = jnp.maximum(jnp.minimum(j, last_k_block(i, bq, bk, offset, nk_blocks)), 0)
-        return j
+    kmap = _key_block_map(cfg, nk_blocks)
 
     in_specs = [
         _spec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)),
@@ -265,10 +288,7 @@ def key_mass(q, k, kb, bias, lse, cfg):
     offset = cfg.nk - cfg.nq
     has_bias = bias is not None
 
-    def qmap(b_, h_, j, i):
-        if cfg.causal:
-            i = jnp.maximum(i, first_q_block(j, bq, bk, offset, nq_blocks))
-        return i
+    qmap = _query_block_map(cfg, nq_blocks)
 
     in_specs = [
         _spec((None, None, bq, d), lambda b_, h_, j, i: (b_, h_, qmap(b_, h_, j, i), 0)),
@@ -398,10 +418,7 @@ def backward(q, k, v, kb, bias, lse, delta, do, cfg):
     kb3 = kb[:, None, :]
 
     # dk, dv: grid over key blocks, streaming query blocks.
-    def qmap(b_, h_, j, i):
-        if cfg.causal:
-            i = jnp.maximum(i, first_q_block(j, bq, bk, offset, nq_blocks))
-        return i
+    qmap = _query_block_map(cfg, nq_blocks)
 
     in_specs = [
         _spec((None, None, bq, d), lambda b_, h_, j, i: (b_, h_, qmap(b_, h_, j, i), 0)),
@@ -435,10 +452,7 @@ def backward(q, k, v, kb, bias, lse, delta, do, cfg):
     )(*args)
 
     # dq (and dbias): grid over query blocks, streaming key blocks.
-    def kmap(b_, h_, i, j):
-        if cfg.causal:
-            j = jnp.maximum(jnp.minimum(j, last_k_block(i, bq, bk, offset, nk_blocks)), 0)
-        return j
+    kmap = _key_block_map(cfg, nk_blocks)
 
     in_specs = [
         _spec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)),
