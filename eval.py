@@ -27,6 +27,8 @@ from ml_collections import config_flags
 
 from jax_tokens import trainer
 
+if __name__ == "__main__":   # before the flag below parses the config and its overrides
+    trainer.exit_on_bad_overrides(sys.argv[1:], None)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (default: the config stored with the checkpoint).",
     lock_config=True)
@@ -339,9 +341,4 @@ def _run() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        trainer.check_override_flags(sys.argv[1:], None)
-    except trainer.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     app.run(main)

@@ -28,6 +28,8 @@ from jax_tokens import trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "fashion_mnist_vit.py")
+if __name__ == "__main__":   # before the flag below parses the config and its overrides
+    trainer.exit_on_bad_overrides(sys.argv[1:], _DEFAULT_CONFIG)
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (get_config); `file.py:arg` passes arg.",
     lock_config=True)
@@ -61,9 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        trainer.check_override_flags(sys.argv[1:], _DEFAULT_CONFIG)
-    except trainer.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     app.run(main)

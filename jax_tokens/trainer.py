@@ -45,6 +45,7 @@ from jax_tokens.models.vit import ReductionConfig, ViTConfig, VisionTransformer
 
 __all__ = [
     "ConfigError", "default_config", "load_config", "check_config", "check_override_flags",
+    "exit_on_bad_overrides",
     "config_to_dict", "config_diff", "RUNTIME_KEYS", "vit_config", "reduction_config",
     "check_budgets", "budget_phases", "Phase", "make_optimizer", "TrainState", "init_model",
     "make_train_step", "make_forward", "make_eval_step", "evaluate", "xla_gflops",
@@ -233,6 +234,18 @@ def check_override_flags(argv: Sequence[str], default_config_path: str) -> None:
     config = load_config(path)
     for key in overrides:
         _check_key(config, key)
+
+
+def exit_on_bad_overrides(argv: Sequence[str], default_config_path: str | None) -> None:
+    """For train.py / eval.py, before they define their `--config` flag: ml_collections parses
+    the default config file and its overrides as soon as the flag is defined, and an unknown key
+    would surface as a bare AttributeError. This prints the ConfigError naming the key and the
+    valid ones, and exits with status 2."""
+    try:
+        check_override_flags(argv, default_config_path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def config_to_dict(config) -> dict:

@@ -155,6 +155,12 @@ def test_cli_unknown_key_and_budget_errors(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "unknown config key 'config.model.reduction.rr'" in out.stderr
     assert "keep_rate" in out.stderr and "num_tokens" in out.stderr
+    # Without --config (train.py's default file) the key is checked before the flag is defined,
+    # which is when ml_collections would otherwise fail on it with a bare AttributeError.
+    out = _run_cli("train.py", "--workdir", str(tmp_path / "w"), "--config.model.dpeth=3")
+    assert out.returncode == 2, out.stderr
+    assert "unknown config key 'config.model.dpeth'" in out.stderr
+    assert "Traceback" not in out.stderr
     # Budget errors come before the data is looked at (the data dir does not exist) and before
     # anything is written to the workdir.
     out = _run_cli("train.py", "--config", _cfg("fashion_mnist_vit.py"), "--workdir",
