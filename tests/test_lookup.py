@@ -1,4 +1,9 @@
-"""Tests for jax_tokens.lookup: plans, TokenLearner, the LookupViT block, pooling, FLOPs."""
+"""Tests for jax_tokens.lookup: plans, TokenLearner, the LookupViT block, pooling, FLOPs.
+
+Values are compared against NumPy re-implementations (float64) of each formula, gradients
+against closed forms or central finite differences of those re-implementations, FLOP counts
+against XLA's cost analysis.
+"""
 
 import math
 
@@ -94,6 +99,8 @@ def np_lookup_block(blk, z, x):
     qkv = np_linear(np_ln(z, blk.norm1), blk.qkv)
     z = z + np_linear(np_mha(qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:], h), blk.proj)
     z = z + np_mlp(np_ln(z, blk.norm2), blk.mlp, approximate=False)
+    if not blk.infuse:
+        return z, x, logits, gather, None
     # 3. infuse: softmax over the lookup axis M of the SAME logits, transposed
     scatter = np.swapaxes(np_softmax(logits, -2), -1, -2)  # [B, H, N, M]
     v2 = np_linear(np_ln(z, blk.norm_back_v), blk.back_v).reshape(b, m, h, d)
@@ -125,10 +132,13 @@ def test_compress_plan_contract(b, n, m, c):
     back = np.asarray(plan.unapply(y))
     assert back.shape == (b, n, c)
     np.testing.assert_array_equal(back, np.take_along_axis(np.asarray(y), assign[..., None], 1))
-    # soft read-back: rows of the transposed plan sum to 1
+    np.testing.assert_array_equal(np.asarray(plan.invert(y)), back)  # unapply == invert
+    # soft read-back: W^T with rows renormalised
     tp = plan.transpose_plan()
     assert (tp.n_in, tp.n_out) == (m, n)
-    np.testing.assert_allclose(np.asarray(tp.matrix()).sum(-1), 1.0, atol=1e-5)
+    wt = np.swapaxes(w.astype(np.float64), 1, 2)
+    np.testing.assert_allclose(np.asarray(tp.matrix()), wt / wt.sum(-1, keepdims=True),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_plan_size_weighting_equals_log_size_bias():
@@ -143,6 +153,86 @@ def test_plan_size_weighting_equals_log_size_bias():
                                atol=1e-5)
 
 
+def np_prefix_matrix(w, p, size=None):
+    """[B, p + M, p + N] block-diagonal map written out in numpy (size: [B, p + N])."""
+    b, m, n = w.shape
+    w = w.astype(np.float64)
+    if size is not None:
+        w = w * size[:, None, p:]
+        w = w / w.sum(-1, keepdims=True)
+    out = np.zeros((b, p + m, p + n))
+    out[:, np.arange(p), np.arange(p)] = 1.0
+    out[:, p:, p:] = w
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_plan_prefix_protocol(p):
+    b, n, m, c = 2, 7, 3, 4
+    logits = _rand(50, b, n, m) * 3
+    _, base = lookup.compress(jnp.zeros((b, n, c)), jnp.asarray(logits))
+    plan = lookup.LookupPlan(weights=base.weights, prefix=p)
+    w = np.swapaxes(np_softmax(logits.astype(np.float64), 1), 1, 2)    # [B, M, N]
+    assert (plan.n_in, plan.n_out, plan.prefix) == (p + n, p + m, p)
+
+    ref = np_prefix_matrix(w, p)
+    mat = np.asarray(plan.matrix())
+    assert mat.shape == (b, p + m, p + n)
+    np.testing.assert_allclose(mat, ref, rtol=1e-5, atol=1e-7)
+
+    # apply == matrix @ x, prefix passed through exactly; any trailing shape (or none)
+    x = _rand(51, b, p + n, c)
+    y = np.asarray(plan.apply(jnp.asarray(x)))
+    np.testing.assert_allclose(y, ref @ x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y[:, :p], x[:, :p])
+    x4 = _rand(52, b, p + n, 2, 3)
+    np.testing.assert_allclose(np.asarray(plan.apply(jnp.asarray(x4))),
+                               np.einsum("bmn,bnij->bmij", ref, x4), rtol=1e-5, atol=1e-5)
+    pos = np.arange(p + n, dtype=np.int32)[None].repeat(b, 0)  # integer positions -> float32
+    got = plan.apply(jnp.asarray(pos))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.einsum("bmn,bn->bm", ref, pos), rtol=1e-5,
+                               atol=1e-4)
+
+    # sizes of all p + N tokens re-weight only the weights block
+    size = np.abs(_rand(53, b, p + n)) + 0.5
+    ref_s = np_prefix_matrix(w, p, size)
+    np.testing.assert_allclose(np.asarray(plan.matrix(jnp.asarray(size[..., None]))), ref_s,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(plan.apply(jnp.asarray(x), jnp.asarray(size))),
+                               ref_s @ x, rtol=1e-5, atol=1e-5)
+
+    # assignment: prefix i -> i, others -> p + argmax over M
+    assign = np.asarray(plan.assignment)
+    assert assign.dtype == np.int32
+    np.testing.assert_array_equal(
+        assign, np.concatenate([np.tile(np.arange(p), (b, 1)), p + w.argmax(1)], axis=1))
+
+    # invert puts the prefix back exactly and each other token's slot in its place
+    yy = _rand(54, b, p + m, c)
+    back = np.asarray(plan.invert(jnp.asarray(yy)))
+    assert back.shape == (b, p + n, c)
+    np.testing.assert_array_equal(back[:, :p], yy[:, :p])
+    np.testing.assert_array_equal(back, np.take_along_axis(yy, assign[..., None], 1))
+    np.testing.assert_array_equal(np.asarray(plan.unapply(jnp.asarray(yy))), back)
+    # invert o apply keeps the prefix tokens
+    np.testing.assert_array_equal(np.asarray(plan.invert(plan.apply(jnp.asarray(x))))[:, :p],
+                                  x[:, :p])
+
+    # the prefix is static pytree metadata: the plan crosses jit and keeps its behaviour
+    leaves, _ = jax.tree.flatten(plan)
+    assert len(leaves) == 1
+    jy = jax.jit(lambda pl, a: pl.apply(a))(plan, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(jy), y, rtol=1e-6, atol=1e-6)
+
+    # transpose keeps the prefix: [B, p + N, p + M] with W^T rows renormalised
+    tp = plan.transpose_plan()
+    wt = np.swapaxes(w, 1, 2)
+    np.testing.assert_allclose(np.asarray(tp.matrix()),
+                               np_prefix_matrix(wt / wt.sum(-1, keepdims=True), p), rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_compress_jit_vmap_grad():
     x, logits = jnp.asarray(_rand(5, 2, 2, 9, 8)), jnp.asarray(_rand(6, 2, 2, 9, 4))
     eager = [lookup.compress(x[i], logits[i])[0] for i in range(2)]
@@ -152,8 +242,14 @@ def test_compress_jit_vmap_grad():
     np.testing.assert_allclose(np.asarray(jt), np.asarray(eager[0]), rtol=RTOL, atol=ATOL)
     gx, gl = jax.grad(lambda a, l: (lookup.compress(a, l)[0] ** 2).sum(), argnums=(0, 1))(
         x[0], logits[0])
-    for g in (gx, gl):
-        assert np.all(np.isfinite(g)) and np.abs(np.asarray(g)).sum() > 0
+    # closed form of d/dx, d/dlogits of sum(y^2), y = W x, W[m, n] = softmax_n(logits[n, m])
+    xn, ln_ = np.asarray(x[0], np.float64), np.asarray(logits[0], np.float64)
+    w = np.swapaxes(np_softmax(ln_, 1), 1, 2)                 # [B, M, N]
+    dy = 2 * (w @ xn)                                         # [B, M, C]
+    dw = dy @ np.swapaxes(xn, 1, 2)                           # [B, M, N]
+    dl = w * (dw - (w * dw).sum(-1, keepdims=True))           # softmax backward, over N
+    np.testing.assert_allclose(np.asarray(gx), np.swapaxes(w, 1, 2) @ dy, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gl), np.swapaxes(dl, 1, 2), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +326,24 @@ def test_block_matches_numpy_bidirectional(block, inputs, eager):
     np.testing.assert_allclose(np.asarray(x_out), rx, rtol=1e-4, atol=1e-4)
     plan, splan = aux["plan"], aux["scatter_plan"]
     assert (plan.n_in, plan.n_out, splan.n_in, splan.n_out) == (N, M, M, N)
-    np.testing.assert_allclose(np.asarray(plan.weights).sum(-1), 1.0, atol=1e-5)
+    # the plans are the head means of the two softmaxes
+    np.testing.assert_allclose(np.asarray(plan.matrix()), gather.mean(1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(splan.matrix()), scatter.mean(1), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_block_without_infusion_matches_numpy(inputs):
+    z, x = inputs
+    blk = _random_module(lambda: lookup.LookupViTBlock(C, H, mlp_ratio=2.0, hr_mlp_ratio=0.5,
+                                                       infuse=False, rngs=nnx.Rngs(0)), 23)
+    assert blk.hr_mlp is None and blk.back_v is None
+    z_out, x_out, aux = blk(z, x, return_attention=True)
+    rz, _, logits, gather, _ = np_lookup_block(blk, np.asarray(z, np.float64),
+                                               np.asarray(x, np.float64))
+    np.testing.assert_allclose(np.asarray(z_out), rz, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(x_out), np.asarray(x))  # hr tokens untouched
+    assert set(aux) == {"logits", "gather", "plan"}
+    np.testing.assert_allclose(np.asarray(aux["gather"]), gather, rtol=1e-4, atol=1e-6)
 
 
 def _functional(blk):
@@ -255,9 +368,19 @@ def test_block_jit_vmap_grad_no_retrace(block, inputs, eager):
         (jz, jx), grads = step(state, z, x)
     np.testing.assert_allclose(np.asarray(jz), np.asarray(eager[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(jx), np.asarray(eager[1]), rtol=1e-5, atol=1e-5)
-    for g in grads:
-        g = np.asarray(g)
-        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+    # gradients: directional derivatives against central differences of the float64 numpy block
+    def np_loss(zz, xx):
+        oz, ox = np_lookup_block(block, zz, xx)[:2]
+        return (oz ** 2).sum() + (ox ** 2).sum()
+
+    z64, x64, eps = np.asarray(z, np.float64), np.asarray(x, np.float64), 1e-4
+    for i, (g, base) in enumerate(zip(grads, (z64, x64))):
+        v = _rand(30 + i, *base.shape).astype(np.float64)
+        shift = [np.zeros_like(z64), np.zeros_like(x64)]
+        shift[i] = eps * v
+        fd = (np_loss(z64 + shift[0], x64 + shift[1])
+              - np_loss(z64 - shift[0], x64 - shift[1])) / (2 * eps)
+        np.testing.assert_allclose((np.asarray(g, np.float64) * v).sum(), fd, rtol=1e-3)
 
     # vmap over an extra leading axis agrees with separate calls (same shapes: no retrace)
     zz, xx = jnp.stack([z, z * 0.5 + 1.0]), jnp.stack([x, -x])
@@ -285,10 +408,18 @@ def test_init_lookup_tokens_divisible_and_not():
     ref = np.stack([g[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in ((0, 3), (2, 5))
                     for c0, c1 in ((0, 3), (2, 5))], axis=1)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(plan.matrix()).sum(-1), 1.0, atol=1e-6)
+    bins = [(0, 3), (2, 5)]
+    want = np.zeros((4, 25))
+    for i, (r0, r1) in enumerate(bins):
+        for j, (c0, c1) in enumerate(bins):
+            cell = np.zeros((5, 5))
+            cell[r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
+            want[2 * i + j] = cell.reshape(-1)
+    np.testing.assert_allclose(lookup.adaptive_pool_matrix((5, 5), (2, 2)), want, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(plan.matrix())[0], want, atol=1e-7)
     np.testing.assert_allclose(np.asarray(plan.apply(jnp.asarray(x))), ref, rtol=1e-5,
                                atol=1e-6)
-    assert lookup.lookup_grid(49) == (7, 7)
+    assert lookup.lookup_grid(49) == (7, 7) and lookup.lookup_grid(1) == (1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,23 +467,47 @@ def test_bad_inputs():
     plan = lookup.compress(x3, l3)[1]
     _raises(ValueError, lambda: plan.apply(jnp.zeros((2, 6, 4))), "x", "6 tokens", "5")
     _raises(ValueError, lambda: plan.unapply(jnp.zeros((2, 4, 4))), "y", "4 tokens", "3")
+    _raises(ValueError, lambda: plan.matrix(jnp.ones((2, 4))), "size", "(2, 5)", "(2, 4)")
+    pplan = lookup.LookupPlan(weights=plan.weights, prefix=2)
+    _raises(ValueError, lambda: pplan.apply(x3), "x", "5 tokens", "7")
+    _raises(ValueError, lambda: pplan.invert(jnp.zeros((2, 3, 4))), "y", "3 tokens", "5")
+    _raises(ValueError, lambda: pplan.invert(jnp.zeros((2,))), "y", "rank >= 2")
+    _raises(TypeError, lambda: lookup.LookupViTBlock(8, 2, infuse=1, rngs=rngs), "infuse")
 
 
 # --------------------------------------------------------------------------------------------
 # FLOPs
 # --------------------------------------------------------------------------------------------
 
-def test_lookup_block_flops_matches_xla():
-    b, n, m, c, heads = 2, 196, 49, 192, 3  # DeiT-Ti width; XLA also counts the elementwise ops
-    blk = nnx.eval_shape(lambda: lookup.LookupViTBlock(c, heads, mlp_ratio=4.0, hr_mlp_ratio=1.0,
-                                                         rngs=nnx.Rngs(0)))
-    f, state = _functional(blk)  # abstract state: ShapeDtypeStructs
-    args = (state, jax.ShapeDtypeStruct((b, m, c), jnp.float32),
-            jax.ShapeDtypeStruct((b, n, c), jnp.float32))
+def _xla_flops(f, *args):
     cost = jax.jit(f).lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
-    xla_flops = cost["flops"]
-    ours = lookup.lookup_block_flops(n, m, c, 4.0, 1.0, batch=b)
+    return cost["flops"]
+
+
+@pytest.mark.parametrize("infuse", [True, False])
+def test_lookup_block_flops_matches_xla(infuse):
+    b, n, m, c, heads = 2, 196, 49, 192, 3  # DeiT-Ti width; XLA also counts the elementwise ops
+    blk = nnx.eval_shape(lambda: lookup.LookupViTBlock(c, heads, mlp_ratio=4.0, hr_mlp_ratio=1.0,
+                                                         infuse=infuse, rngs=nnx.Rngs(0)))
+    f, state = _functional(blk)  # abstract state: ShapeDtypeStructs
+    xla_flops = _xla_flops(f, state, jax.ShapeDtypeStruct((b, m, c), jnp.float32),
+                           jax.ShapeDtypeStruct((b, n, c), jnp.float32))
+    ours = lookup.lookup_block_flops(n, m, c, 4.0, 1.0, infuse=infuse, batch=b)
     assert abs(ours - xla_flops) / xla_flops < 0.10, (ours, xla_flops)
-    assert lookup.lookup_block_flops(n, m, c, 4.0, 1.0) * b == ours
+    assert lookup.lookup_block_flops(n, m, c, 4.0, 1.0, infuse=infuse) * b == ours
+
+
+@pytest.mark.parametrize("feature_hidden_dim", [None, 192])
+def test_token_learner_flops_matches_xla(feature_hidden_dim):
+    b, n, m, c = 2, 196, 8, 192
+    tl = nnx.eval_shape(lambda: lookup.TokenLearner(c, m, hidden_dim=64,
+                                                    feature_hidden_dim=feature_hidden_dim,
+                                                    rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(tl)
+    xla_flops = _xla_flops(lambda s, x: nnx.merge(graphdef, s)(x)[0], state,
+                           jax.ShapeDtypeStruct((b, n, c), jnp.float32))
+    ours = lookup.token_learner_flops(n, c, m, 64, feature_hidden_dim=feature_hidden_dim,
+                                      batch=b)
+    assert abs(ours - xla_flops) / xla_flops < 0.10, (ours, xla_flops)
