@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from jax_tokens import data
+from jax_tokens.data import fashion_mnist
 
 from conftest import IMAGENET_SAMPLES
 
@@ -293,7 +294,8 @@ def test_missing_data_names_the_prepare_command(tmp_path, monkeypatch):
         data.make_train_loader("fashion_mnist", empty, 32)
     assert f"python -m jax_tokens.data prepare --dataset fashion_mnist --data_dir {empty}" \
         in str(e.value)
-    monkeypatch.setattr(data, "FASHION_MNIST_SOURCE_DIR", str(tmp_path / "no_debian_files"))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SOURCE_DIR",
+                        str(tmp_path / "no_debian_files"))
     with pytest.raises(data.DatasetNotPreparedError) as e:
         data.dataset_info("fashion_mnist", empty)
     assert "apt-get install -y dataset-fashion-mnist" in str(e.value)

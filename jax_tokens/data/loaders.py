@@ -1,0 +1,389 @@
+"""Grain input pipelines: `make_train_loader` (shuffled, augmented, resumable) and
+`make_eval_loader` (one ordered pass, padded with a mask), and `to_global_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from grain.sharding import ShardByJaxProcess, ShardOptions
+
+from jax_tokens.data.prepared import _check_split, _num_classes, _open, _output_shape
+from jax_tokens.data.preprocess import (_pad_crop_flip, _resize_uint8, imagenet_eval_image,
+                                        imagenet_train_image, normalize)
+from jax_tokens.data.specs import DatasetSpec
+
+
+@dataclasses.dataclass
+class _BatchReader:
+    """Reads and preprocesses the examples of one batch of indices (picklable for workers)."""
+
+    source: Any                  # tfds ArrayRecordDataSource
+    spec: DatasetSpec
+    image_size: int | None
+    out_shape: tuple[int, int, int]
+    train: bool
+    augment: bool
+    seed: int
+    shard_index: int
+    with_index: bool
+
+    def images(self, examples, rng) -> np.ndarray:
+        spec, key = self.spec, self.spec.image_key
+        if spec.preprocess == "imagenet":
+            if self.train:
+                imgs = [imagenet_train_image(e[key], rng, self.out_shape[0],
+                                             min_crop_area=spec.min_crop_area,
+                                             flip=self.augment and spec.flip) if self.augment
+                        else imagenet_eval_image(e[key], self.out_shape[0],
+                                                 crop_fraction=spec.crop_fraction)
+                        for e in examples]
+            else:
+                imgs = [imagenet_eval_image(e[key], self.out_shape[0],
+                                            crop_fraction=spec.crop_fraction) for e in examples]
+            return np.stack(imgs) if imgs else np.zeros((0, *self.out_shape), np.uint8)
+        imgs = [np.asarray(e[key], np.uint8) for e in examples]
+        if self.image_size:
+            imgs = [_resize_uint8(x, self.image_size) for x in imgs]
+        images = np.stack(imgs) if imgs else np.zeros((0, *self.out_shape), np.uint8)
+        if self.train and self.augment and (spec.crop_padding or spec.flip):
+            images = _pad_crop_flip(images, rng, spec.crop_padding, spec.flip)
+        return images
+
+    def read(self, indices: np.ndarray, rng) -> dict[str, np.ndarray]:
+        indices = [int(i) for i in indices]
+        try:
+            examples = self.source.__getitems__(indices) if indices else []
+            images = self.images(examples, rng)
+        except Exception as e:
+            shown = f"{indices[:8]}{'...' if len(indices) > 8 else ''}"
+            raise ValueError(f"could not read/decode examples {shown} of "
+                             f"{self.spec.tfds_name}: {e}") from e
+        batch = {"image": normalize(images, self.spec.mean, self.spec.std),
+                 "label": np.asarray([int(e[self.spec.label_key]) for e in examples], np.int32)}
+        if self.with_index:
+            batch["index"] = np.asarray(indices, np.int64)
+        return batch
+
+    def train_batch(self, batch_index: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.shard_index, batch_index])
+        return self.read(indices, rng)
+
+
+@dataclasses.dataclass
+class _EvalBatch:
+    """Eval batch `b` of a shard [start, start + length): padded to `batch` rows with a mask."""
+
+    reader: _BatchReader
+    start: int
+    length: int
+    batch: int
+
+    def __call__(self, b: int) -> dict[str, np.ndarray]:
+        pos = b * self.batch + np.arange(self.batch)
+        valid = pos < self.length
+        out = self.reader.read(self.start + pos[valid], None)
+        n = int(valid.sum())
+        padded = {}
+        for k, v in out.items():
+            full = np.zeros((self.batch, *v.shape[1:]), v.dtype)
+            full[:n] = v
+            padded[k] = full
+        if "index" in padded:
+            padded["index"][n:] = -1
+        padded["mask"] = valid
+        return padded
+
+
+def _check_batching(batch_size, shard_options, what: str) -> tuple[ShardOptions, int]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int (the global batch "
+                         f"size over all processes)")
+    if shard_options is None:
+        shard_options = ShardByJaxProcess(drop_remainder=what == "train")
+    if not isinstance(shard_options, ShardOptions):
+        raise TypeError(f"shard_options={shard_options!r} must be a grain.sharding.ShardOptions "
+                        f"(e.g. ShardByJaxProcess()) or None")
+    if batch_size % shard_options.shard_count:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes "
+                         f"(shard_count={shard_options.shard_count})")
+    return shard_options, int(batch_size) // shard_options.shard_count
+
+
+def _check_threads(num_threads, prefetch, worker_count) -> tuple[int, int, int]:
+    if num_threads is None:
+        num_threads = min(8, os.cpu_count() or 1)
+    if not isinstance(num_threads, int) or num_threads < 0:
+        raise ValueError(f"num_threads={num_threads!r} must be an int >= 0")
+    if prefetch is None:
+        prefetch = max(2, num_threads)
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch={prefetch!r} must be an int >= 0 (batches buffered)")
+    if not isinstance(worker_count, int) or worker_count < 0:
+        raise ValueError(f"worker_count={worker_count!r} must be an int >= 0")
+    return num_threads, prefetch, worker_count
+
+
+def _source(key: str, spec: DatasetSpec, builder, data_dir: str, split: str):
+    decoders = None
+    if spec.preprocess == "imagenet" and isinstance(builder.info.features[spec.image_key],
+                                                    tfds.features.Image):
+        decoders = {spec.image_key: tfds.decode.SkipDecoding()}   # JPEG bytes, decoded here
+    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False,
+                              decoders=decoders)
+    if len(source) == 0:
+        raise ValueError(f"split={split!r} of dataset {key!r} is empty")
+    return source
+
+
+def _iter_dataset(ds: grain.MapDataset, num_threads: int, prefetch: int,
+                  worker_count: int) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch))
+    if worker_count:
+        from absl import flags  # Grain's worker processes read absl flags (defaults here)
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+@dataclasses.dataclass(eq=False)
+class _Loader:
+    dataset: grain.IterDataset       # the Grain pipeline
+    name: str                        # dataset name
+    split: str                       # TFDS split read
+    batch_size: int                  # global batch size (all processes)
+    process_batch_size: int          # rows per batch on this process
+    num_examples: int                # examples per pass over this process's shard (train) or
+                                     # over the whole split (eval)
+    num_batches: int | None          # batches this loader yields (None: forever)
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    shard_options: ShardOptions
+    spec: DatasetSpec
+
+
+@dataclasses.dataclass(eq=False)
+class TrainLoader(_Loader):
+    """Iterator over training batches ``{"image": f32 [B,H,W,C], "label": i32 [B]}``.
+
+    B = process_batch_size = batch_size // shard_count. Resumable: `get_state()` returns a
+    JSON-serialisable dict (the Grain `DatasetIterator` state); `set_state(state)` on a loader
+    built with the same arguments continues with exactly the batches that would have followed.
+    For Orbax, checkpoint `loader.iterator` with `grain.checkpoint.CheckpointSave/Restore`.
+    `steps_per_epoch` = num_examples // process_batch_size (batches run across epochs).
+    """
+
+    steps_per_epoch: int = 0
+
+    def __post_init__(self):
+        self.iterator = iter(self.dataset)   # grain DatasetIterator
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state) -> None:
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        self.iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stops prefetch threads and worker processes."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TrainLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclasses.dataclass(eq=False)
+class EvalLoader(_Loader):
+    """A single finite pass over a split; every `iter()` starts a fresh pass.
+
+    Batches are ``{"image", "label", "mask": bool [B]}`` with B = batch_size // shard_count; the
+    last batches are padded (mask False, zero image and label) so every example of the split is
+    seen exactly once over all processes, and every process yields the same number of batches
+    (`len(loader)`). `process_num_examples` is the size of this process's shard.
+    """
+
+    process_num_examples: int = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.dataset)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def _check_common(image_size, seed=0, num_epochs=None):
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size <= 0):
+        raise ValueError(f"image_size={image_size!r} must be a positive int or None")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an int >= 0")
+    if num_epochs is not None and (isinstance(num_epochs, bool) or not isinstance(num_epochs, int)
+                                   or num_epochs <= 0):
+        raise ValueError(f"num_epochs={num_epochs!r} must be a positive int, or None to repeat "
+                         f"forever")
+
+
+def _with_overrides(spec: DatasetSpec, mean, std, channels: int) -> DatasetSpec:
+    """Applies mean/std overrides and checks they have 1 or `channels` entries."""
+    if mean is not None or std is not None:
+        spec = dataclasses.replace(spec, mean=None if mean is None else tuple(mean),
+                                   std=None if std is None else tuple(std))
+    for arg, value in (("mean", spec.mean), ("std", spec.std)):
+        if value is not None and len(value) not in (1, channels):
+            allowed = "1 entry" if channels == 1 else f"1 or {channels} entries"
+            raise ValueError(f"{arg}={value!r} must have {allowed} (images have {channels} "
+                             f"channel{'s' if channels > 1 else ''})")
+    return spec
+
+
+def make_train_loader(name, data_dir, batch_size: int, seed: int = 0, *,
+                      split: str | None = None, num_epochs: int | None = None,
+                      augment: bool = True, image_size: int | None = None,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                      shard_options: ShardOptions | None = None, num_threads: int | None = None,
+                      prefetch: int | None = None, worker_count: int = 0,
+                      with_index: bool = False) -> TrainLoader:
+    """Shuffled, augmented, batched training batches of a prepared dataset.
+
+    Args:
+      name: dataset name (see module docstring) or a DatasetSpec.
+      data_dir: TFDS data dir (None: DEFAULT_DATA_DIR).
+      batch_size: global batch size; each process gets batch_size // shard_count rows.
+      seed: shuffle and augmentation seed (each epoch is shuffled differently).
+      split: TFDS split, optionally sliced ("train[:90%]"); None: the dataset's train split.
+      num_epochs: None repeats forever; batches run across epoch boundaries (drop_remainder
+        only drops the final partial batch).
+      augment: random crop / flip as the dataset spec says ("imagenet": random resized crop +
+        flip; off: resize + center crop).
+      image_size: output side (None: the dataset's default).
+      mean, std: override the normalisation statistics.
+      shard_options: which part this process reads (default ShardByJaxProcess()). Training
+        always gives every process an equal, contiguous share of the split (the remainder of
+        len(split) / shard_count is dropped), so all processes take the same number of steps.
+      num_threads / prefetch: Grain reader threads and batches buffered.
+      worker_count: > 0 runs decoding in that many worker processes (grain mp_prefetch).
+      with_index: add "index": int64 [B], each example's index in the split.
+
+    Returns:
+      a TrainLoader (iterator with get_state / set_state).
+    """
+    _check_common(image_size, seed, num_epochs)
+    shard_options, local_bs = _check_batching(batch_size, shard_options, "train")
+    num_threads, prefetch, worker_count = _check_threads(num_threads, prefetch, worker_count)
+    key, spec, builder, data_dir = _open(name, data_dir)
+    out_shape = _output_shape(spec, builder.info, image_size)
+    spec = _with_overrides(spec, mean, std, out_shape[-1])
+    split = spec.train_split if split is None else split
+    _check_split(key, split, builder.info)
+    source = _source(key, spec, builder, data_dir, split)
+    start, end = _even_split(len(source), shard_options, drop_remainder=True)
+    if end - start == 0:
+        raise ValueError(f"split={split!r} of {key!r} has {len(source)} examples, too few for "
+                         f"{shard_options.shard_count} processes")
+    total = None if num_epochs is None else num_epochs * (end - start)
+    if total is not None and total < local_bs:
+        raise ValueError(f"batch_size={batch_size} needs {local_bs} examples per process but "
+                         f"num_epochs={num_epochs} of this shard gives only {total}")
+    reader = _BatchReader(source, spec, image_size or spec.image_size, out_shape, train=True,
+                          augment=bool(augment), seed=int(seed),
+                          shard_index=shard_options.shard_index, with_index=with_index)
+    ds = (grain.MapDataset.range(start, end).shuffle(seed=int(seed)).repeat(num_epochs)
+          .batch(local_bs, drop_remainder=True).map_with_index(reader.train_batch))
+    return TrainLoader(
+        _iter_dataset(ds, num_threads, prefetch, worker_count), name=key, split=split,
+        batch_size=int(batch_size), process_batch_size=local_bs, num_examples=end - start,
+        steps_per_epoch=(end - start) // local_bs,
+        num_batches=None if total is None else total // local_bs, image_shape=out_shape,
+        num_classes=_num_classes(builder.info, spec.label_key), shard_options=shard_options,
+        spec=spec)
+
+
+def _even_split(n: int, options: ShardOptions, drop_remainder: bool) -> tuple[int, int]:
+    """Contiguous [start, end) of shard `options.shard_index`; sizes differ by at most one
+    (or are equal with drop_remainder)."""
+    per = n // options.shard_count
+    if drop_remainder:
+        return per * options.shard_index, per * (options.shard_index + 1)
+    extra = n % options.shard_count
+    start = per * options.shard_index + min(options.shard_index, extra)
+    return start, start + per + (1 if options.shard_index < extra else 0)
+
+
+def make_eval_loader(name, data_dir, batch_size: int, split: str | None = None, *,
+                     image_size: int | None = None, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None,
+                     shard_options: ShardOptions | None = None, num_threads: int | None = None,
+                     prefetch: int | None = None, worker_count: int = 0,
+                     with_index: bool = False) -> EvalLoader:
+    """One ordered, finite pass over a split, padded with a mask (see EvalLoader).
+
+    Args:
+      name, data_dir, image_size, mean, std, num_threads, prefetch, worker_count, with_index:
+        as in make_train_loader (with_index marks padding rows with -1).
+      batch_size: global batch size; each process gets batch_size // shard_count rows.
+      split: None: the dataset's eval split ("test"; "validation" for imagenet2012).
+      shard_options: default ShardByJaxProcess(); the remainder is spread over the first
+        processes (no example is dropped).
+    """
+    _check_common(image_size)
+    shard_options, local_bs = _check_batching(batch_size, shard_options, "eval")
+    num_threads, prefetch, worker_count = _check_threads(num_threads, prefetch, worker_count)
+    key, spec, builder, data_dir = _open(name, data_dir)
+    out_shape = _output_shape(spec, builder.info, image_size)
+    spec = _with_overrides(spec, mean, std, out_shape[-1])
+    split = spec.eval_split if split is None else split
+    _check_split(key, split, builder.info)
+    source = _source(key, spec, builder, data_dir, split)
+    n = len(source)
+    start, end = _even_split(n, shard_options, False)
+    num_batches = math.ceil(math.ceil(n / shard_options.shard_count) / local_bs)
+    reader = _BatchReader(source, spec, image_size or spec.image_size, out_shape, train=False,
+                          augment=False, seed=0, shard_index=shard_options.shard_index,
+                          with_index=with_index)
+    ds = grain.MapDataset.range(num_batches).map(_EvalBatch(reader, start, end - start, local_bs))
+    return EvalLoader(
+        _iter_dataset(ds, num_threads, prefetch, worker_count), name=key, split=split,
+        batch_size=int(batch_size), process_batch_size=local_bs, num_examples=n,
+        process_num_examples=end - start, num_batches=num_batches, image_shape=out_shape,
+        num_classes=_num_classes(builder.info, spec.label_key), shard_options=shard_options,
+        spec=spec)
+
+
+def to_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Places a process-local batch on devices as global jax.Arrays.
+
+    Args:
+      batch: pytree of NumPy arrays whose leading axis is this process's part of the batch.
+      sharding: one jax.sharding.Sharding for every leaf (shard the leading axis only, e.g.
+        NamedSharding(mesh, P("data"))), or a pytree of shardings with batch's structure.
+
+    Returns:
+      the same pytree of jax.Arrays with global leading axis = sum over processes.
+    """
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, sharding)
