@@ -10,7 +10,7 @@ from flax import nnx
 from jax_tokens import tokens as tok
 from jax_tokens.attention import attention
 from jax_tokens.lookup._common import (F32, LN_EPS, _check_channels, _hidden, _lin_axes,
-                                       _ln_axes)
+                                       _ln_axes, _static_float)
 from jax_tokens.lookup.plan import LookupPlan
 from jax_tokens.lookup.token_learner import Mlp
 
@@ -54,7 +54,7 @@ class LookupViTBlock(nnx.Module):
     number of tokens", ECCV 2024).
 
     With M lookup (compressed) tokens ``z`` [B, M, C] and N high-resolution tokens ``x``
-    [B, N, C], pre-norm, residuals, LayerNorm eps 1e-6::
+    [B, N, C], pre-norm, residuals, LayerNorm eps 1e-6 (``ln_eps``)::
 
       # 1. information gathering: multi-head cross-attention, queries from z, keys/values from x
       A = (LN_q(z) Wq) (LN_kv(x) Wk)^T / sqrt(d)            # [B, H, M, N], computed once
@@ -105,11 +105,13 @@ class LookupViTBlock(nnx.Module):
         the hr tokens come out unchanged and step 3's layers are not created. A model's last
         block uses it when nothing reads the final hr tokens (their update would be dead
         compute, and its parameters would never get a gradient).
+      ln_eps: epsilon of every LayerNorm (1e-6 by default, as timm's ViT).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
                  hr_mlp_ratio: float = 1.0, qkv_bias: bool = True, *, attn_impl: str = "auto",
-                 infuse: bool = True, dtype=None, param_dtype=F32, rngs: nnx.Rngs):
+                 infuse: bool = True, ln_eps: float = LN_EPS, dtype=None, param_dtype=F32,
+                 rngs: nnx.Rngs):
         self.dim = tok.static_int("dim", dim, low=1)
         self.num_heads = tok.static_int("num_heads", num_heads, low=1, high=self.dim)
         if dim % num_heads:
@@ -124,8 +126,8 @@ class LookupViTBlock(nnx.Module):
         self.hr_mlp_hidden = _hidden("hr_mlp_ratio", dim, hr_mlp_ratio)
         self.attn_impl = attn_impl
 
-        ln = dict(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  **_ln_axes())
+        ln = dict(epsilon=_static_float("ln_eps", ln_eps), dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs, **_ln_axes())
         lin = dict(kernel_init=nnx.initializers.xavier_uniform(),
                    bias_init=nnx.initializers.zeros_init(), dtype=dtype,
                    param_dtype=param_dtype, rngs=rngs)
