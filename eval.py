@@ -5,14 +5,16 @@
     python eval.py --checkpoint /tmp/fm/checkpoints/702   # one training checkpoint
     python eval.py --workdir /tmp/fm_tome --sweep r=0,4,8,10,12
     python eval.py --workdir /tmp/fm_evit --sweep keep_rate=1.0,0.7,0.5,0.3 --visualize 4
+    python eval.py --workdir /tmp/fm --sweep tome:r=0,4,8      # another reducer's budgets
 
 Prints top-1 / top-5 accuracy over the eval split, images/s of the compiled forward pass on one
 eval batch (all budgets timed side by side in interleaved rounds; the median round is reported),
 GFLOPs per image from XLA's cost analysis of the compiled forward pass (and the analytic
 estimate), and the tokens entering each block. `--sweep` evaluates several budgets of the same
-parameters in one run and prints a markdown table. `--visualize N` writes a PNG per image
-showing which patches each output token gathers (merged groups for ToMe, kept/dropped patches
-for pruning). `--config` (with `--config.x=y`) overrides the run's config, e.g. the data dir
+parameters in one run and prints a markdown table: `FIELD=v1,v2,...` varies a field of the
+model's reducer, `METHOD:FIELD=v1,...` switches to another registered reducer first (its other
+fields at their defaults). `--visualize N` writes a PNG per image showing which patches each
+output token gathers (merged groups, or kept/dropped patches, as the reducer draws itself). `--config` (with `--config.x=y`) overrides the run's config, e.g. the data dir
 or the eval reduction; the architecture must match the checkpoint's.
 """
 
@@ -23,22 +25,21 @@ import time
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from jax_tokens import trainer
+from jax_tokens import reducers
+from jax_tokens import train as trainer
+from jax_tokens.train import schema
 
-if __name__ == "__main__":   # before the flag below parses the config and its overrides
-    trainer.exit_on_bad_overrides(sys.argv[1:], None)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (default: the config stored with the checkpoint).",
-    lock_config=True)
+_OVERRIDES: dict = {}      # --config.a.b=value flags, taken out of argv before absl parses it
+_CONFIG = flags.DEFINE_string("config", None, "Config file (default: the config stored with "
+                              "the checkpoint); override keys with --config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir: its latest checkpoint.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "An export dir, a training checkpoint step dir, or a .safetensors file "
     "(timm names; needs --config).")
 _SWEEP = flags.DEFINE_string(
-    "sweep", None, "Budgets to compare, e.g. r=0,4,8,12 (ToMe) or keep_rate=1.0,0.7,0.5 "
-    "(pruning at config.model.reduction.layers).")
+    "sweep", None, "Budgets to compare: FIELD=v1,v2,... of the model's reducer (r=0,4,8 for "
+    "ToMe, keep_rate=1.0,0.7,0.5 for pruning), or METHOD:FIELD=v1,... for another reducer.")
 _VISUALIZE = flags.DEFINE_integer("visualize", 0, "Write a PNG for each of the first N eval "
                                   "images.")
 _VISUALIZE_DIR = flags.DEFINE_string("visualize_dir", None, "Where the PNGs go (default: "
@@ -56,52 +57,54 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _parse_sweep(spec: str, cfg, clamp_r: bool):
-    """'r=0,4,8' / 'keep_rate=1,0.7,0.5' -> [(label, ReductionConfig)]."""
-    import dataclasses  # pylint: disable=import-outside-toplevel
+def _parse_sweep(spec: str, cfg):
+    """'r=0,4,8' / 'keep_rate=1,0.7' / 'tome:r=0,4' -> [(label, Reducer)], each checked."""
+    import ast  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from jax_tokens import models  # pylint: disable=import-outside-toplevel
     if "=" not in spec:
-        raise trainer.ConfigError(f"--sweep={spec!r} must look like r=0,4,8 or "
-                                  "keep_rate=1.0,0.7,0.5")
-    key, values = spec.split("=", 1)
-    key = key.strip()
+        raise trainer.ConfigError(f"--sweep={spec!r} must look like r=0,4,8, "
+                                  "keep_rate=1.0,0.7,0.5 or tome:r=0,4,8")
+    key, values = (p.strip() for p in spec.split("=", 1))
     base = cfg.reduction
+    if ":" in key:
+        method, key = (p.strip() for p in key.split(":", 1))
+        try:
+            base = reducers.get(method)() if method != base.method else base
+        except (ValueError, TypeError) as e:
+            raise trainer.ConfigError(f"--sweep {method}:{key}: {e}") from e
+    valid = reducers.fields(base.method)[1:]
+    if key not in valid:
+        raise trainer.ConfigError(
+            f"--sweep key {key!r} is not a field of reducer {base.method!r} (its fields: "
+            f"{', '.join(valid) or 'none'}); use METHOD:FIELD=... for another reducer "
+            f"({', '.join(reducers.names())})")
     out = []
     for v in [v.strip() for v in values.split(",") if v.strip()]:
-        if key == "r":
-            r = int(v)
-            prop = base.prop_attn if base.method == "tome" else True
-            red = dataclasses.replace(base, method="tome" if r else "none", r=r, prop_attn=prop)
-            label = f"r={r}"
-        elif key == "keep_rate":
-            rate = float(v)
-            layers = base.layers if base.method == "prune" else ()
-            if not layers:
-                raise trainer.ConfigError(
-                    "--sweep keep_rate=... prunes at config.model.reduction.layers, which this "
-                    "model's config does not set (pass --config with "
-                    "--config.model.reduction.layers=(1,))")
-            red = dataclasses.replace(base, method="prune", keep_rate=rate, layers=layers)
-            label = f"keep_rate={rate:g}"
-        else:
-            raise trainer.ConfigError(f"--sweep key {key!r} is not one of r, keep_rate")
-        if base.method == "lookup":
-            raise trainer.ConfigError("--sweep is not supported for lookup models (num_tokens "
-                                      "changes the parameters)")
-        trainer.check_budgets(cfg, red, clamp_r=clamp_r)
-        out.append((label, red))
+        try:
+            value = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            value = v
+        try:
+            red = base.replace(**{key: value})
+        except (ValueError, TypeError) as e:
+            raise trainer.ConfigError(f"--sweep {key}={v}: {e}") from e
+        trainer.check_budgets(cfg, red)
+        out.append((f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}", red))
     if not out:
         raise trainer.ConfigError(f"--sweep={spec!r} lists no values")
+    # A reducer with parameters can only vary budgets that keep its parameters as trained.
+    if any(red.learned for _, red in out):
+        def shapes(c):
+            model = nnx.eval_shape(lambda: models.create(c, rngs=nnx.Rngs(0)))
+            return jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(model, nnx.Param))
+        want = shapes(cfg)
+        for label, red in out:
+            if shapes(cfg.replace(reduction=red)) != want:
+                raise trainer.ConfigError(f"--sweep {label} changes the parameters of reducer "
+                                          f"{red.method!r}; sweep only budgets that keep them")
     return out
-
-
-def _label(red) -> str:
-    if red.method == "tome":
-        return f"tome r={red.r}"
-    if red.method == "prune":
-        return f"prune keep_rate={red.keep_rate} at {list(red.layers)}"
-    if red.method == "lookup":
-        return f"lookup {red.num_tokens} tokens at {list(red.layers)}"
-    return "none"
 
 
 def _load(mesh, rules):
@@ -110,7 +113,7 @@ def _load(mesh, rules):
     from jax_tokens import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     from jax_tokens.models import convert  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    user_config = _CONFIG.value
+    user_config = _user_config()
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         raise trainer.ConfigError("pass exactly one of --workdir and --checkpoint")
     path = _WORKDIR.value or _CHECKPOINT.value
@@ -130,7 +133,7 @@ def _load(mesh, rules):
             return config
         if saved is None:
             raise trainer.ConfigError(f"{path} holds no training config: pass --config")
-        config = ml_collections.ConfigDict(saved)
+        config = ml_collections.ConfigDict(schema.upgrade_config_dict(saved))
         trainer.check_config(config)
         return config
 
@@ -152,7 +155,7 @@ def _load(mesh, rules):
             with open(train_cfg) as f:
                 saved = json.load(f)
         config = merged(saved)
-        cfg, graphdef, params, rest = ckpt_lib.load_export(path, mesh, rules)
+        cfg, graphdef, params, rest = trainer.load_export(path, mesh, rules)
         trainer.ensure_dataset(config)
         return config, _with_reduction(config, cfg), graphdef, params, rest, path
 
@@ -179,7 +182,7 @@ def _load(mesh, rules):
         out_dir = os.path.dirname(directory)
     saved = checkpointer.read_config(step)
     config = merged(saved)
-    saved = ml_collections.ConfigDict(saved)
+    saved = ml_collections.ConfigDict(schema.upgrade_config_dict(saved))
     data_dir = trainer.ensure_dataset(config)
     train_cfg = trainer.dataset_model_config(saved, data_dir)
     tx, _ = trainer.make_optimizer(saved, 1, 1)       # only its state's structure is used
@@ -195,9 +198,18 @@ def _load(mesh, rules):
 
 
 def _with_reduction(config, cfg):
-    """The export's ViTConfig with the eval config's reduction (same architecture)."""
-    import dataclasses  # pylint: disable=import-outside-toplevel
-    return dataclasses.replace(cfg, reduction=trainer.reduction_config(config.model.reduction))
+    """The export's model config with the eval config's reduction (same architecture)."""
+    return cfg.replace(reduction=trainer.reducer_from_config(config.model.reduction))
+
+
+def _user_config():
+    """--config with its --config.a.b=value overrides (None without --config)."""
+    if _CONFIG.value is None:
+        if _OVERRIDES:
+            raise trainer.ConfigError(f"--config.{next(iter(_OVERRIDES))} overrides a config: "
+                                      "pass --config FILE too")
+        return None
+    return schema.load_config(_CONFIG.value, _OVERRIDES)
 
 
 def _display_images(batch, spec, n: int, scale: int):
@@ -238,7 +250,7 @@ def _visualize(entries, params, rest, batch, spec, cfg, n: int, out_dir: str, me
         tiles, labels = [photos[i]], ["input"]
         for label, red in entries:
             src = sources[label][i]
-            if red.method == "prune":
+            if red.picture == "kept":
                 img = vis.draw_kept_patches(photos[i], src, cfg.grid,
                                             num_prefix_tokens=cfg.num_prefix_tokens)
             else:
@@ -270,12 +282,11 @@ def _run() -> int:
     import jax  # pylint: disable=import-outside-toplevel
     from jax_tokens import sharding as shd  # pylint: disable=import-outside-toplevel
 
-    mesh, rules = trainer.make_mesh_and_rules(_CONFIG.value)
+    mesh, rules = trainer.make_mesh_and_rules(_user_config())
     with shd.use_mesh(mesh, rules):
         config, cfg, graphdef, params, rest, out_dir = _load(mesh, rules)
-        clamp = bool(config.model.reduction.get("clamp_r", False))
-        entries = (_parse_sweep(_SWEEP.value, cfg, clamp) if _SWEEP.value
-                   else [(_label(cfg.reduction), cfg.reduction)])
+        entries = (_parse_sweep(_SWEEP.value, cfg) if _SWEEP.value
+                   else [(cfg.reduction.label(), cfg.reduction)])
         data_dir = trainer.ensure_dataset(config)
         batch_size = _BATCH_SIZE.value or config.eval.batch_size
         loader = trainer.make_eval_loader(config, data_dir, batch_size)
@@ -341,4 +352,5 @@ def _run() -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _argv, _OVERRIDES = schema.split_override_flags(sys.argv)
+    app.run(main, argv=_argv)

@@ -22,17 +22,14 @@ _T0 = time.perf_counter()
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from jax_tokens import trainer  # noqa: E402
+from jax_tokens.train import schema  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "fashion_mnist_vit.py")
-if __name__ == "__main__":   # before the flag below parses the config and its overrides
-    trainer.exit_on_bad_overrides(sys.argv[1:], _DEFAULT_CONFIG)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file (get_config); `file.py:arg` passes arg.",
-    lock_config=True)
+_OVERRIDES: dict = {}      # --config.a.b=value flags, taken out of argv before absl parses it
+_CONFIG = flags.DEFINE_string("config", _DEFAULT_CONFIG, "Config file (get_config); "
+                              "`file.py:arg` passes arg. Override keys with --config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and exports go; an "
                                "existing checkpoint there is resumed.")
 flags.mark_flag_as_required("workdir")
@@ -41,15 +38,19 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jax_tokens import checkpoint, data  # pylint: disable=import-outside-toplevel
+    try:     # an unknown key or a bad value: exit 2, before anything else is imported
+        config = schema.load_config(_CONFIG.value, _OVERRIDES)
+    except schema.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    from jax_tokens import checkpoint, data, sharding  # pylint: disable=C0415
+    from jax_tokens.train import loop  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every save at INFO
-    config = _CONFIG.value
     try:
-        from jax_tokens import sharding  # pylint: disable=import-outside-toplevel
         sharding.maybe_initialize_distributed(config)   # before anything touches a device
-        result = trainer.train(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
-    except (trainer.ConfigError, checkpoint.CheckpointError,
+        result = loop.train(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
+    except (schema.ConfigError, checkpoint.CheckpointError,
             data.DatasetNotPreparedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -63,4 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _argv, _OVERRIDES = schema.split_override_flags(sys.argv)
+    app.run(main, argv=_argv)

@@ -43,9 +43,8 @@ def train_all(root: str, names, extra) -> None:
 
 
 def compare(root: str, names, batch_size: int, rounds: int) -> list[dict]:
-    from jax_tokens import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     from jax_tokens import sharding as shd  # pylint: disable=import-outside-toplevel
-    from jax_tokens import trainer  # pylint: disable=import-outside-toplevel
+    from jax_tokens import train as trainer  # pylint: disable=import-outside-toplevel
     import ml_collections  # pylint: disable=import-outside-toplevel
 
     mesh, rules = shd.make_mesh(None), shd.rules_from_config(None)
@@ -53,7 +52,7 @@ def compare(root: str, names, batch_size: int, rounds: int) -> list[dict]:
     with shd.use_mesh(mesh, rules):
         for name in names:
             export = os.path.join(root, name, "export")
-            cfg, graphdef, params, rest = ckpt_lib.load_export(export, mesh, rules)
+            cfg, graphdef, params, rest = trainer.load_export(export, mesh, rules)
             with open(os.path.join(export, "train_config.json")) as f:
                 config = ml_collections.ConfigDict(json.load(f))
             with open(os.path.join(root, name, "results.json")) as f:

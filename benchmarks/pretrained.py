@@ -48,7 +48,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_tokens.models import onnx_import as oi  # noqa: E402
-from jax_tokens.models.vit import ReductionConfig  # noqa: E402
+from jax_tokens.reducers import Reducer  # noqa: E402
+from jax_tokens.reducers.identity import NoReduction  # noqa: E402
+from jax_tokens.reducers.tome import ToMe  # noqa: E402
+from jax_tokens.reducers.topk import TopK  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet_samples"
 PRUNE_LAYERS = (3, 6, 9)
@@ -59,7 +62,7 @@ def matched_keep_rate(cfg, target_flops: int, *, fuse: bool, layers=PRUNE_LAYERS
     best = None
     for keep in np.arange(0.200, 1.0005, 0.001):
         keep = round(float(keep), 3)
-        red = ReductionConfig(method="prune", keep_rate=keep, layers=layers, fuse=fuse)
+        red = TopK(keep_rate=keep, layers=layers, fuse=fuse)
         gap = abs(cfg.flops(red) - target_flops)
         if best is None or gap < best[0]:
             best = (gap, keep)
@@ -67,26 +70,26 @@ def matched_keep_rate(cfg, target_flops: int, *, fuse: bool, layers=PRUNE_LAYERS
 
 
 def settings(cfg, rs):
-    out = [("none", "-", ReductionConfig())]
+    out = [("none", "-", NoReduction())]
     for r in rs:
-        tome = ReductionConfig(method="tome", r=r)
+        tome = ToMe(clamp_r=True, r=r)
         target = cfg.flops(tome)
         out.append(("ToMe", f"r={r}", tome))
         keep = matched_keep_rate(cfg, target, fuse=False)
         keep_f = matched_keep_rate(cfg, target, fuse=True)
         out.append(("top-k CLS attn", f"keep={keep}",
-                    ReductionConfig(method="prune", keep_rate=keep, layers=PRUNE_LAYERS,
+                    TopK(keep_rate=keep, layers=PRUNE_LAYERS,
                                     score="cls_attn")))
         out.append(("EViT (CLS attn + fuse)", f"keep={keep_f}",
-                    ReductionConfig(method="prune", keep_rate=keep_f, layers=PRUNE_LAYERS,
+                    TopK(keep_rate=keep_f, layers=PRUNE_LAYERS,
                                     score="cls_attn", fuse=True)))
         out.append(("random prune", f"keep={keep}",
-                    ReductionConfig(method="prune", keep_rate=keep, layers=PRUNE_LAYERS,
+                    TopK(keep_rate=keep, layers=PRUNE_LAYERS,
                                     score="random")))
     return out
 
 
-def make_encoder(model, reduction: ReductionConfig):
+def make_encoder(model, reduction: Reducer):
     """jitted (state, images, key) -> (CLS feature [B, D], size-weighted mean patch [B, D])."""
     gd, _ = nnx.split(model)
     p = model.cfg.num_prefix_tokens
@@ -141,7 +144,7 @@ def main(argv=None):
 
     rows, feats, timers = [], {}, {}
     key = jax.random.key(0)
-    base_flops = cfg.flops(ReductionConfig())
+    base_flops = cfg.flops(NoReduction())
     x_time = jnp.asarray(oi.normalize(photos[: args.batch]))
     for name, budget, red in settings(cfg, args.rs):
         enc = make_encoder(model, red)

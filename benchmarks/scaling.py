@@ -36,7 +36,11 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_tokens import sharding as shd  # noqa: E402
-from jax_tokens.models.vit import ReductionConfig, ViTConfig, VisionTransformer  # noqa: E402
+from jax_tokens.models.vit import ViTConfig, VisionTransformer  # noqa: E402
+from jax_tokens.reducers.identity import NoReduction  # noqa: E402
+from jax_tokens.reducers.token_learner import TokenLearner  # noqa: E402
+from jax_tokens.reducers.tome import ToMe  # noqa: E402
+from jax_tokens.reducers.topk import TopK  # noqa: E402
 
 PRESETS = {  # name -> (mesh sizes, preset)
     "dp": ({"data": 8, "fsdp": 1, "tensor": 1}, "dp"),
@@ -44,11 +48,11 @@ PRESETS = {  # name -> (mesh sizes, preset)
     "fsdp_tp": ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),
 }
 REDUCERS = {
-    "none": ReductionConfig(),
-    "tome r=8": ReductionConfig(method="tome", r=8),
-    "evit 0.5@1+3 fused": ReductionConfig(method="prune", keep_rate=0.5, layers=(1, 3),
+    "none": NoReduction(),
+    "tome r=8": ToMe(clamp_r=True, r=8),
+    "evit 0.5@1+3 fused": TopK(keep_rate=0.5, layers=(1, 3),
                                           fuse=True),
-    "lookup M=16@1": ReductionConfig(method="lookup", layers=(1,), num_tokens=16),
+    "lookup M=16@1": TokenLearner(layers=(1,), num_tokens=16),
 }
 
 

@@ -26,14 +26,17 @@ from flax import nnx  # noqa: E402
 
 from jax_tokens import visualize as vis  # noqa: E402
 from jax_tokens.models import onnx_import as oi  # noqa: E402
-from jax_tokens.models.vit import ReductionConfig, ViTConfig  # noqa: E402
+from jax_tokens.models.vit import ViTConfig  # noqa: E402
+from jax_tokens.reducers import Reducer  # noqa: E402
+from jax_tokens.reducers.tome import ToMe  # noqa: E402
+from jax_tokens.reducers.topk import TopK  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet_samples"
 # Four of the 1000 photos, for variety: a fish, a dog, a car, a scene.
 DEFAULT_PHOTOS = (1, 207, 817, 980)
 
 
-def source_indices(model, images: np.ndarray, reduction: ReductionConfig) -> np.ndarray:
+def source_indices(model, images: np.ndarray, reduction: Reducer) -> np.ndarray:
     gd, st = nnx.split(model)
 
     @jax.jit
@@ -65,8 +68,8 @@ def main(argv=None):
     names = {e["file"]: e["name"] for e in labels_json}
     names = [names.get(f.name, f.stem).replace("_", " ") for f in chosen]
 
-    tome = ReductionConfig(method="tome", r=args.r)
-    evit = ReductionConfig(method="prune", keep_rate=args.keep, layers=(3, 6, 9),
+    tome = ToMe(clamp_r=True, r=args.r)
+    evit = TopK(keep_rate=args.keep, layers=(3, 6, 9),
                            score="cls_attn", fuse=True)
     src_tome = source_indices(model, images, tome)
     src_evit = source_indices(model, images, evit)

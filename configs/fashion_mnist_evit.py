@@ -10,19 +10,13 @@ four compiled train steps).
 
 import os
 
-from jax_tokens.trainer import load_config
+from jax_tokens.train.schema import load_config, reduction
 
 
 def get_config(arg=None):
     del arg
     config = load_config(os.path.join(os.path.dirname(__file__), "fashion_mnist_vit.py"))
-    red = config.model.reduction
-    red.method = "prune"
-    red.score = "cls_attn"
-    red.keep_rate = 0.5
-    red.layers = (1,)
-    red.fuse = True
-    red.order = "score"
+    config.model.reduction = reduction("evit", keep_rate=0.5, layers=(1,), fuse=True)
     w = config.budget_warmup
     w.fraction = 0.4
     w.start_fraction = 0.0

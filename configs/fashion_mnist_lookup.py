@@ -6,14 +6,11 @@ compresses the 49 patch tokens into 16 learned tokens (plus CLS) for the remaini
 
 import os
 
-from jax_tokens.trainer import load_config
+from jax_tokens.train.schema import load_config, reduction
 
 
 def get_config(arg=None):
     del arg
     config = load_config(os.path.join(os.path.dirname(__file__), "fashion_mnist_vit.py"))
-    red = config.model.reduction
-    red.method = "lookup"
-    red.layers = (0,)
-    red.num_tokens = 16
+    config.model.reduction = reduction("token_learner", layers=(0,), num_tokens=16)
     return config

@@ -10,15 +10,11 @@ Proportional attention (log size added to the logits) as in ToMe.
 
 import os
 
-from jax_tokens.trainer import load_config
+from jax_tokens.train.schema import load_config, reduction
 
 
 def get_config(arg=None):
     del arg
     config = load_config(os.path.join(os.path.dirname(__file__), "fashion_mnist_vit.py"))
-    red = config.model.reduction
-    red.method = "tome"
-    red.r = 12
-    red.prop_attn = True
-    red.clamp_r = True
+    config.model.reduction = reduction("tome", r=12, prop_attn=True, clamp_r=True)
     return config

@@ -11,7 +11,7 @@ fashion_mnist_evit.py, fashion_mnist_lookup.py) start from this file and change 
 reducer (and its budget warm-up), so they train with the same recipe.
 """
 
-from jax_tokens.trainer import default_config
+from jax_tokens.train.schema import default_config
 
 
 def get_config(arg=None):

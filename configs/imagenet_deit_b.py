@@ -6,7 +6,7 @@
 
 import os
 
-from jax_tokens.trainer import load_config
+from jax_tokens.train.schema import load_config
 
 
 def get_config(arg=None):
@@ -14,6 +14,6 @@ def get_config(arg=None):
     config = load_config(base + (f":{arg}" if arg else ""))
     m = config.model
     m.embed_dim, m.num_heads = 768, 12
-    if config.model.reduction.method == "tome":
+    if arg == "tome":
         config.model.reduction.r = 16         # ToMe's DeiT-B setting
     return config

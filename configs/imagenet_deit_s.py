@@ -9,30 +9,28 @@ Needs `imagenet2012` prepared in array_record format in the data dir (see jax_to
 The argument picks the reducer: "" / "none" (baseline), "tome", "evit" or "lookup".
 """
 
-from jax_tokens.trainer import ConfigError, default_config
+from jax_tokens.train.schema import ConfigError, default_config, reduction
 
-METHODS = ("none", "tome", "evit", "lookup")
+# The argument -> (the reducer, the budget warm-up); `depth` is filled in by set_reducer.
+PRESETS = {
+    "none": (lambda depth: reduction("none"), {}),
+    "tome": (lambda depth: reduction("tome", r=13, prop_attn=True, clamp_r=True), {}),
+    "evit": (lambda depth: reduction("evit", keep_rate=0.7, fuse=True,
+                                     layers=(depth // 4, depth // 2, 3 * depth // 4)),
+             dict(fraction=1 / 3, start_fraction=1 / 30, levels=4)),
+    "lookup": (lambda depth: reduction("token_learner", layers=(3,), num_tokens=32), {}),
+}
 
 
-def set_reducer(config, method: str, depth: int = 12) -> None:
-    """Applies one of METHODS to config (ToMe r=13 clamped as ToMe; EViT 0.7 at 1/4, 1/2, 3/4
-    depth with a cosine keep-rate warm-up over 1/3 of training; lookup 32 tokens at block 3)."""
-    red = config.model.reduction
-    if method in ("", "none"):
-        red.method = "none"
-    elif method == "tome":
-        red.method, red.r, red.prop_attn, red.clamp_r = "tome", 13, True, True
-    elif method == "evit":
-        red.method, red.score, red.fuse = "prune", "cls_attn", True
-        red.keep_rate = 0.7
-        red.layers = (depth // 4, depth // 2, 3 * depth // 4)
-        config.budget_warmup.fraction = 1 / 3
-        config.budget_warmup.start_fraction = 1 / 30
-        config.budget_warmup.levels = 4
-    elif method == "lookup":
-        red.method, red.layers, red.num_tokens = "lookup", (3,), 32
-    else:
-        raise ConfigError(f"config argument {method!r} is not one of {METHODS}")
+def set_reducer(config, preset: str, depth: int = 12) -> None:
+    """Applies one of PRESETS to config (ToMe r=13 clamped as ToMe; EViT 0.7 at 1/4, 1/2, 3/4
+    depth with a cosine keep-rate warm-up over 1/3 of training; TokenLearner 32 tokens at
+    block 3)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"config argument {preset!r} is not one of {tuple(PRESETS)}")
+    make, warmup = PRESETS[preset]
+    config.model.reduction = make(depth)
+    config.budget_warmup.update(warmup)
 
 
 def get_config(arg=None):

@@ -21,23 +21,18 @@ error), leaves the previous checkpoints as they were; temporary directories are 
 the next `Checkpointer` opens the directory. A failed save raises `CheckpointSaveError` naming
 the last good step.
 
-An export `<dir>/` holds `config.json` (the ViTConfig), `params/` (Orbax, the parameters only)
-and `model.safetensors` (timm's names, `jax_tokens.models.convert.save_safetensors`).
+Exports for inference (parameters + model config) are written by `jax_tokens.train.export`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "CheckpointSaveError", "Checkpointer",
-           "export", "load_export", "read_export_config", "vit_config_from_dict"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "CheckpointSaveError", "Checkpointer"]
 
 
 class CheckpointError(RuntimeError):
@@ -164,10 +159,9 @@ class Checkpointer:
     def check_config(self, step: int, config, *, ignore=None) -> None:
         """CheckpointMismatchError listing every key (outside `ignore`, default the trainer's
         RUNTIME_KEYS) whose value differs between the checkpoint's config and `config`."""
-        from jax_tokens import trainer  # pylint: disable=import-outside-toplevel
+        from jax_tokens.train.schema import RUNTIME_KEYS, config_diff  # pylint: disable=C0415
         saved = self.read_config(step)
-        diff = trainer.config_diff(saved, config,
-                                   trainer.RUNTIME_KEYS if ignore is None else ignore)
+        diff = config_diff(saved, config, RUNTIME_KEYS if ignore is None else ignore)
         if diff:
             raise CheckpointMismatchError(
                 f"the checkpoint at step {step} in {self.directory} was written with a different "
@@ -269,84 +263,3 @@ class Checkpointer:
             except Exception:  # pylint: disable=broad-except
                 if not quiet:
                     raise
-
-
-# ------------------------------------------------------------------------------------------------
-# Export for inference
-# ------------------------------------------------------------------------------------------------
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def export(directory: str | os.PathLike, graphdef, params, rest, cfg, *,
-           train_config: Mapping | None = None) -> str:
-    """Writes config.json (the ViTConfig), params/ (Orbax), model.safetensors (timm names) and,
-    if given, train_config.json (the run's config, which eval.py reads) to `directory`.
-
-    Every process must call it (the Orbax save is collective); process 0 writes the other
-    files (the safetensors file needs the parameters on that host: single-host runs).
-    """
-    from jax_tokens.models import convert  # pylint: disable=import-outside-toplevel
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()        # every process takes part
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    if jax.process_index() != 0:
-        return directory
-    model = nnx.merge(graphdef, params, rest)
-    convert.save_safetensors(model, os.path.join(directory, "model.safetensors"))
-    if train_config is not None:
-        _write_json_atomic(os.path.join(directory, "train_config.json"), dict(train_config))
-    _write_json_atomic(os.path.join(directory, "config.json"), dataclasses.asdict(cfg))
-    return directory
-
-
-def vit_config_from_dict(d: Mapping):
-    from jax_tokens.models.vit import ReductionConfig, ViTConfig  # pylint: disable=C0415
-    d = dict(d)
-    red = dict(d.pop("reduction", {}) or {})
-    for k in ("r", "keep_rate"):
-        if isinstance(red.get(k), list):
-            red[k] = tuple(red[k])
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise CheckpointError(f"export config has unknown ViTConfig fields {unknown}")
-    return ViTConfig(**d, reduction=ReductionConfig(**red))
-
-
-def read_export_config(directory: str | os.PathLike):
-    path = os.path.join(os.fspath(directory), "config.json")
-    try:
-        with open(path) as f:
-            return vit_config_from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot read the export config {path}: {e}") from e
-
-
-def load_export(directory: str | os.PathLike, mesh=None, rules=None):
-    """(cfg, graphdef, params, rest) from an export directory written by `export`, placed on
-    `mesh` (default: all devices, data parallel) by `rules`."""
-    from jax_tokens import sharding as shd  # pylint: disable=import-outside-toplevel
-    from jax_tokens import trainer  # pylint: disable=import-outside-toplevel
-    directory = os.path.abspath(os.fspath(directory))
-    cfg = read_export_config(directory)
-    mesh = shd.make_mesh(None) if mesh is None else mesh
-    graphdef, abstract_params, rest, _ = trainer.init_model(cfg, 0, mesh, rules, abstract=True)
-    if jax.tree.leaves(rest):       # constants such as a sin-cos table are not exported
-        _, _, rest, _ = trainer.init_model(cfg, 0, mesh, rules)
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        params = checkpointer.restore(os.path.join(directory, "params"), abstract_params)
-    except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"cannot restore the parameters in {directory}/params: "
-                              f"{type(e).__name__}: {e}") from e
-    finally:
-        checkpointer.close()
-    return cfg, graphdef, params, rest

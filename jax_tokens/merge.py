@@ -145,6 +145,17 @@ class MergePlan:
             w = w * size[:, None, :, 0]
         return w / jnp.maximum(w.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
 
+    def apply(self, x: jax.Array, size: jax.Array | None = None) -> jax.Array:
+        """[B, N, ...] -> [B, M, ...]: each group's mean (size-weighted with `size` [B, N, 1]),
+        i.e. `matrix(size) @ x`. Works on any per-token array (positions, a second stream)."""
+        if size is None:
+            return merge(self, x, "mean")
+        return merge_wavg(self, x, size)[0]
+
+    def invert(self, y: jax.Array) -> jax.Array:
+        """[B, M, ...] -> [B, N, ...]: every input token gets its group's value (`unmerge`)."""
+        return unmerge(self, y)
+
 
 def identity_plan(batch: int, n: int) -> MergePlan:
     """The plan that changes nothing (r = 0): every token is its own B token, in order."""
@@ -349,8 +360,3 @@ def unmerge(plan: MergePlan, x: jax.Array, *, reference_layout: bool = False) ->
         nu = plan.unm_idx.shape[1]
         x = plan._arrange(x[:, :nu], x[:, nu:])
     return tk.invert_by_assignment(x, plan.assignment)
-
-
-def merge_schedule(num_layers: int, r: int | tuple | Sequence[int]) -> list[int]:
-    """Alias of `parse_r` (per-layer r from an int, an (r, inflection) pair, or a list)."""
-    return parse_r(num_layers, r)

@@ -22,7 +22,7 @@ from jax_tokens.schedule import keep_count
 
 __all__ = [
     "PrunePlan", "cls_attention", "key_mass", "l2_norm", "random_scores", "topk", "prune",
-    "prune_size", "unprune", "keep_count", "score_fn",
+    "prune_size", "unprune", "keep_count",
 ]
 
 _ORDERS = ("score", "position")
@@ -68,14 +68,6 @@ def random_scores(key: jax.Array, batch: int, n: int) -> jax.Array:
     batch = tk.static_int("batch", batch, low=1)
     n = tk.static_int("n", n, low=1)
     return jax.random.uniform(key, (batch, n), jnp.float32)
-
-
-def score_fn(name: str):
-    """Score function by config name."""
-    table = {"cls_attn": cls_attention, "key_mass": key_mass, "l2_norm": l2_norm}
-    if name not in table:
-        raise ValueError(f"score={name!r} is not one of {sorted(table) + ['random']}")
-    return table[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,14 +124,25 @@ class PrunePlan:
                                  (self.batch, self.protected + self.k))
         return out.at[jnp.arange(self.batch)[:, None], self.keep_positions].set(slots)
 
-    def matrix(self) -> jax.Array:
+    def matrix(self, size: jax.Array | None = None) -> jax.Array:
         """Dense [B, M, N] map of `prune`: one-hot rows for kept tokens, the fusion weights
-        as the last row when fusing."""
+        as the last row when fusing (sizes do not change it; `prune_size` adds them up)."""
+        del size
         kept = jax.nn.one_hot(self.keep_positions, self.n_in, dtype=jnp.float32)
         if not self.fuse:
             return kept
         w = jnp.pad(self.fuse_weights.astype(jnp.float32), ((0, 0), (self.protected, 0)))
         return jnp.concatenate([kept, w[:, None, :]], axis=1)
+
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """[B, N, ...] -> [B, M, ...]: `prune` (== `matrix() @ x`)."""
+        return prune(self, x)
+
+    def invert(self, y: jax.Array) -> jax.Array:
+        """[B, M, ...] -> [B, N, ...]: kept tokens back at their positions, dropped ones as the
+        fused token (fusion) or zeros; `unprune` offers other fills."""
+        return tk.invert_by_assignment(y, self.assignment)
 
 
 def topk(scores: jax.Array, k: int, *, protected: int = 1, order: str = "score",

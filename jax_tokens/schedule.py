@@ -3,7 +3,7 @@
 * `parse_r` expands ToMe's budget forms (an int, an `(r, inflection)` pair, a per-layer list).
 * `tome_token_counts` / `keep_count` give the token count each layer sees.
 * `vit_flops` counts the FLOPs (2 x multiply-adds, as XLA's cost analysis does) of a ViT whose
-  token counts per layer are given, including the reducers' own matching cost.
+  token counts per layer are given (each reducer adds its own work, `Reducer.flops`).
 """
 
 from __future__ import annotations
@@ -51,35 +51,22 @@ def keep_count(keep_rate: float, n: int) -> int:
     return max(1, math.ceil(keep_rate * n))
 
 
-def block_flops(n: int, dim: int, mlp_hidden: int, *, n_kv: int | None = None) -> int:
-    """FLOPs of one pre-norm transformer block on n tokens (matmuls only, 2 per MAC)."""
-    n_kv = n if n_kv is None else n_kv
-    qkv = 2 * n * dim * 3 * dim
-    attn = 2 * n * n_kv * dim * 2
-    proj = 2 * n * dim * dim
-    mlp = 2 * n * dim * mlp_hidden * 2
-    return qkv + attn + proj + mlp
-
-
 def tome_matching_flops(n: int, dim_metric: int) -> int:
     """Similarity scores of one bipartite matching: (n/2) x (n/2) dot products."""
     return 2 * (n - n // 2) * (n // 2) * dim_metric
 
 
 def vit_flops(*, tokens_in: Sequence[int], tokens_mid: Sequence[int], dim: int, mlp_hidden: int,
-              num_patches: int, patch_dim: int, num_classes: int, head_dim: int,
-              tome_layers: Sequence[bool] = ()) -> int:
+              num_patches: int, patch_dim: int, num_classes: int) -> int:
     """FLOPs of a ViT forward for one image.
 
     Args:
       tokens_in[l]: tokens entering block l (seen by attention);
-      tokens_mid[l]: tokens after block l's reducer (seen by its MLP);
-      tome_layers[l]: whether block l runs a bipartite matching (adds its similarity cost).
+      tokens_mid[l]: tokens after block l's reducer (seen by its MLP).
+    The reducers' own work is counted by each reducer (`Reducer.flops`).
     """
     total = 2 * num_patches * patch_dim * dim + 2 * dim * num_classes
-    for l, (n, m) in enumerate(zip(tokens_in, tokens_mid)):
+    for n, m in zip(tokens_in, tokens_mid):
         total += 2 * n * dim * 3 * dim + 2 * n * n * dim * 2 + 2 * n * dim * dim
         total += 2 * m * dim * mlp_hidden * 2
-        if l < len(tome_layers) and tome_layers[l] and m < n:
-            total += tome_matching_flops(n, head_dim)
     return total

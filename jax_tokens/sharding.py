@@ -39,7 +39,7 @@ it (so an activation ("batch", "tokens", "embed") under "fsdp" is split over dat
 batch only). A dimension whose size is not divisible by its mesh axes is left unsplit.
 
 Pallas attention (impl "pallas_tpu" / "pallas_gpu") is wrapped in `jax.shard_map` by
-`attention` / `sharded_attention` when a mesh is active: every device runs the kernel on its
+`jax_tokens.attention.sharded.attention` when a mesh is active: every device runs the kernel on its
 own examples (and heads, under "fsdp_tp"). Token reduction is per example; `per_example` runs
 the selection (ToMe's matching, top-k pruning) in `jax.shard_map` over the batch axes, because
 XLA's partitioner would otherwise all-gather the batch for `lax.top_k` / `sort`. The tests
@@ -63,11 +63,12 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = [
-    "AXES", "LOGICAL_AXES", "PRESETS", "Rules", "make_mesh", "mesh_shape", "axis_rules",
+    "AXES", "LOGICAL_AXES", "PRESETS", "Rules", "logical_axes", "make_mesh", "mesh_shape", "axis_rules",
     "rules_from_config", "check_rules", "logical_to_spec", "logical_sharding", "batch_axes",
     "batch_sharding", "replicated", "state_shardings", "abstract_with_shardings",
     "check_batch_size", "put_batch", "use_mesh", "flax_rules", "current_rules", "constrain",
-    "per_example", "attention", "sharded_attention", "maybe_initialize_distributed",
+    "per_example", "spec_entry", "split_axes", "mesh_sizes", "rules_dict", "context_mesh",
+    "maybe_initialize_distributed",
     "collective_counts",
 ]
 
@@ -97,6 +98,12 @@ PRESETS: dict[str, Rules] = {
                 ("mlp", "tensor")),
 }
 """Preset rules: logical axis -> mesh axes (None or missing: replicated)."""
+
+
+def logical_axes(*names: str | None) -> dict[str, Any]:
+    """NNX variable metadata naming a parameter's logical axes (one name per dimension);
+    applied when shardings are built (`eager_sharding=False`: building a model needs no mesh)."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,11 +264,11 @@ def rules_from_config(config: Any) -> Rules:
     return axis_rules(get(group, "preset") or "dp", overrides)
 
 
-def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
+def rules_dict(rules) -> dict[str, tuple[str, ...]]:
     return dict(check_rules(axis_rules("dp") if rules is None else rules))
 
 
-def _mesh_sizes(mesh) -> dict[str, int]:
+def mesh_sizes(mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
@@ -273,8 +280,8 @@ def logical_to_spec(names: Sequence[str | None], rules=None, mesh=None,
     with `mesh`, axes missing from it or of size 1 are dropped; with `shape`, trailing axes
     are dropped until the dimension is divisible (an indivisible dimension is unsplit).
     """
-    table = _rules_dict(rules)
-    sizes = None if mesh is None else _mesh_sizes(mesh)
+    table = rules_dict(rules)
+    sizes = None if mesh is None else mesh_sizes(mesh)
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):
@@ -299,8 +306,8 @@ def logical_sharding(mesh, names: Sequence[str | None], rules=None,
 
 def batch_axes(mesh, rules=None) -> tuple[str, ...]:
     """The mesh axes (of size > 1) that split the batch."""
-    sizes = _mesh_sizes(mesh)
-    return tuple(a for a in _rules_dict(rules).get("batch", ()) if sizes.get(a, 1) > 1)
+    sizes = mesh_sizes(mesh)
+    return tuple(a for a in rules_dict(rules).get("batch", ()) if sizes.get(a, 1) > 1)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules=None) -> NamedSharding:
@@ -319,7 +326,7 @@ def check_batch_size(mesh: jax.sharding.Mesh, batch_size: int, rules=None, *,
     """ValueError naming the batch axes and sizes if `batch_size` (global) cannot be split
     evenly over them (nor over the processes, each of which loads its own part)."""
     axes = batch_axes(mesh, rules)
-    sizes = _mesh_sizes(mesh)
+    sizes = mesh_sizes(mesh)
     n = math.prod(sizes[a] for a in axes)
     if batch_size % n:
         desc = " x ".join(f"{a}={sizes[a]}" for a in axes)
@@ -408,8 +415,8 @@ def flax_rules(rules=None) -> tuple:
     LOGICAL_AXES mapped to None, a mesh axis or a tuple of them (flax keeps a name it has no
     rule for, which is not a mesh axis). Flax applies them without the used-once and
     divisibility adjustments of `logical_to_spec`; `state_shardings` is what the steps use."""
-    table = _rules_dict(rules)
-    return tuple((name, _entry(table.get(name, ()))) for name in LOGICAL_AXES)
+    table = rules_dict(rules)
+    return tuple((name, spec_entry(table.get(name, ()))) for name in LOGICAL_AXES)
 
 
 @contextlib.contextmanager
@@ -438,7 +445,7 @@ def current_rules() -> Rules:
     return axis_rules("dp") if rules is None else rules
 
 
-def _context_mesh():
+def context_mesh():
     """The abstract mesh set by jax.set_mesh (None without one, or inside shard_map)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
@@ -451,7 +458,7 @@ def _context_mesh():
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` of `x` by its logical dimension names under the active mesh
     and rules; the identity when no mesh (of more than one device) is active."""
-    mesh = _context_mesh()
+    mesh = context_mesh()
     if mesh is None:
         return x
     if len(names) != x.ndim:
@@ -470,7 +477,7 @@ def per_example(fn: Callable, *args):
     replicates `lax.top_k` / `sort` operands, all-gathering the batch; running the selection
     per shard keeps every example on its device.
     """
-    mesh = _context_mesh()
+    mesh = context_mesh()
     if mesh is None:
         return fn(*args)
     leaves = jax.tree.leaves(args)
@@ -478,97 +485,22 @@ def per_example(fn: Callable, *args):
     if b is None or any(l.ndim == 0 or l.shape[0] != b for l in leaves):
         raise ValueError("per_example: every input must have the batch as its leading axis; "
                          f"got shapes {[tuple(l.shape) for l in leaves]}")
-    axes = _split_axes(dict(current_rules()).get("batch", ()), b, _mesh_sizes(mesh))
+    axes = split_axes(dict(current_rules()).get("batch", ()), b, mesh_sizes(mesh))
     if not axes:
         return fn(*args)
-    spec = P(_entry(axes))
+    spec = P(spec_entry(axes))
     return jax.shard_map(fn, in_specs=tuple(spec for _ in args), out_specs=spec)(*args)
 
 
-def _split_axes(axes: Sequence[str], n: int, sizes: Mapping[str, int]) -> tuple[str, ...]:
+def split_axes(axes: Sequence[str], n: int, sizes: Mapping[str, int]) -> tuple[str, ...]:
     axes = [a for a in axes if sizes.get(a, 1) > 1]
     while axes and n % math.prod(sizes[a] for a in axes):
         axes.pop()
     return tuple(axes)
 
 
-def _entry(axes: tuple[str, ...]):
+def spec_entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
-              bias: jax.Array | None = None, key_size: jax.Array | None = None,
-              causal: bool = False, stats: Sequence[str] = (),
-              query_index: int | Sequence[int] = 0, scale: float | None = None,
-              mesh=None, rules=None):
-    """`jax_tokens.attention.attention`, with Pallas kernels wrapped in `jax.shard_map` when a
-    mesh is active.
-
-    With impl "pallas_tpu" / "pallas_gpu" (or "auto" resolving to one) and a mesh of more than
-    one device (`mesh`, or the one `jax.set_mesh` / `use_mesh` set), every device runs the
-    kernel on its shard: the batch split over the rules' "batch" axes (data, fsdp) and the
-    heads over the "heads" axes (tensor, under "fsdp_tp"), where they divide. "mean_key" (a
-    mean over heads) is computed outside the shard_map. Otherwise this is a plain call.
-    """
-    from jax_tokens.attention import api  # pylint: disable=import-outside-toplevel
-    resolved = api.resolve_impl(impl)
-    kwargs = dict(bias=bias, key_size=key_size, causal=causal, query_index=query_index,
-                  scale=scale)
-    ctx = mesh if mesh is not None else _context_mesh()
-    if resolved not in ("pallas_tpu", "pallas_gpu") or ctx is None or ctx.size == 1:
-        return api.attention(q, k, v, stats=stats, impl=impl, **kwargs)
-    return _shard_mapped_attention(q, k, v, stats=tuple(stats), impl=resolved, mesh=mesh,
-                                   sizes=_mesh_sizes(ctx),
-                                   rules=current_rules() if rules is None else rules, **kwargs)
-
-
-def _shard_mapped_attention(q, k, v, *, stats, impl, mesh, sizes, rules, bias, key_size,
-                            causal, query_index, scale):
-    from jax_tokens.attention import api  # pylint: disable=import-outside-toplevel
-    table = _rules_dict(rules)
-    b, _, h, d = q.shape
-    bx = _split_axes(table.get("batch", ()), b, sizes)
-    hx = _split_axes([a for a in table.get("heads", ()) if a not in bx], h, sizes)
-    bs, hs = _entry(bx), _entry(hx)
-    qkv_spec = P(bs, None, hs, None)
-    inner_stats = tuple(s for s in stats if s != "mean_key")
-    scale = float(d ** -0.5 if scale is None else scale)
-
-    args = [q, k, v]
-    specs = [qkv_spec, qkv_spec, qkv_spec]
-    has_ks, has_bias = key_size is not None, bias is not None
-    if has_ks:
-        args.append(key_size)
-        specs.append(P(bs, None))
-    if has_bias:
-        args.append(bias)
-        specs.append(P(bs if bias.shape[0] == b else None, hs if bias.shape[1] == h else None))
-
-    def local(*xs):
-        lq, lk, lv, rest = xs[0], xs[1], xs[2], list(xs[3:])
-        ks = rest.pop(0) if has_ks else None
-        bi = rest.pop(0) if has_bias else None
-        return api.attention(lq, lk, lv, bias=bi, key_size=ks, causal=causal,
-                             stats=inner_stats, query_index=query_index, scale=scale,
-                             impl=impl)
-
-    out_specs = (qkv_spec, {s: P(bs, hs) for s in inner_stats})
-    fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs,
-                       check_vma=False)
-    out, st = fn(*args)
-    st = dict(st)
-    if "mean_key" in stats:
-        st["mean_key"] = k.mean(axis=2)
-    return out, {s: st[s] for s in stats}
-
-
-def sharded_attention(mesh=None, impl: str = "auto", rules=None) -> Callable:
-    """attention(q, k, v, **kw) bound to a mesh, impl and rules (see `attention`); with
-    mesh=None it uses the mesh active when it is called."""
-    def fn(q, k, v, **kw):
-        kw.setdefault("impl", impl)
-        return attention(q, k, v, mesh=mesh, rules=rules, **kw)
-    return fn
 
 
 # ----------------------------------------------------------------------------------------------

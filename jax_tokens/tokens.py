@@ -7,7 +7,9 @@ output tokens are formed from N input tokens. All plans expose
   * ``assignment``              [B, N] int32: the output slot each input token goes to, or -1
                                 when the token is dropped (pruning without fusion);
   * ``matrix(size=None)``       the dense [B, M, N] linear map ``y = W x`` of the plan's default
-                                reduction (the contract tests compare the fast paths against).
+                                reduction (the contract tests compare the fast paths against);
+  * ``apply(x)`` / ``invert(y)``  the reduction of any per-token array, and back to N tokens
+                                (the `Plan` protocol below).
 
 Because every input token lands in at most one output slot, the *inverse* of any plan (unmerge,
 unprune) is one gather: ``y[assignment]``, zero where the token was dropped. This module holds
@@ -18,7 +20,7 @@ uses.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -52,16 +54,23 @@ def static_int(name: str, value: Any, *, low: int | None = None, high: int | Non
     return value
 
 
-def static_float(name: str, value: Any, *, low: float, high: float, low_open: bool = True) -> float:
-    """Checks a static float such as a keep rate in (low, high]."""
+def static_float(name: str, value: Any, *, low: float, high: float | None,
+                 low_open: bool = True) -> float:
+    """Checks a static float such as a keep rate in (low, high] (high=None: any finite value
+    above low)."""
     if is_traced(value) or isinstance(value, jax.Array):
         raise TypeError(f"{name} must be a static Python float known at trace time; got a "
                         f"traced/array value {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float; got {value!r} of type {type(value).__name__}")
     value = float(value)
-    ok = (value > low if low_open else value >= low) and value <= high
-    if not ok or not np.isfinite(value):
+    above = value > low if low_open else value >= low
+    if high is None:
+        if not (above and np.isfinite(value)):
+            raise ValueError(f"{name}={value} is not allowed: it must be a finite float "
+                             f"{'>' if low_open else '>='} {low:g}")
+        return value
+    if not (above and value <= high) or not np.isfinite(value):
         bracket = "(" if low_open else "["
         raise ValueError(f"{name}={value} is not allowed: it must be in {bracket}{low}, {high}]")
     return value
@@ -82,6 +91,35 @@ def check_tokens(name: str, x: Any, *, rank: int = 3, n: int | None = None,
     if batch is not None and shape[0] != batch:
         raise ValueError(f"{name} has batch size {shape[0]} (shape {tuple(shape)}); the plan was "
                          f"built for batch size {batch}")
+
+
+# --------------------------------------------------------------------------------------------
+# The plan protocol
+# --------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Plan(Protocol):
+    """What every plan provides (`MergePlan`, `PrunePlan`, `LookupPlan`, a user reducer's):
+
+    n_in / n_out: static token counts; assignment: [B, N] int32 output slot of each input token
+    (-1: dropped); matrix(size=None): the dense [B, M, N] map; apply(x): the reduction applied
+    to any per-token array [B, N, ...]; invert(y): [B, M, ...] back to [B, N, ...].
+    """
+
+    @property
+    def n_in(self) -> int: ...
+
+    @property
+    def n_out(self) -> int: ...
+
+    @property
+    def assignment(self) -> jax.Array: ...
+
+    def matrix(self, size: jax.Array | None = None) -> jax.Array: ...
+
+    def apply(self, x: jax.Array) -> jax.Array: ...
+
+    def invert(self, y: jax.Array) -> jax.Array: ...
 
 
 # --------------------------------------------------------------------------------------------

@@ -268,21 +268,6 @@ def test_eval_split_per_process_counts_every_example_once(fmnist_dir):
     assert sorted(seen) == list(range(599))
 
 
-@needs_fashion
-def test_to_global_batch(fmnist_dir):
-    n = len(jax.devices())
-    mesh = jax.make_mesh((n,), ("data",))
-    loader = data.make_eval_loader("fashion_mnist", fmnist_dir, 4 * n, num_threads=1)
-    batch = next(iter(loader))
-    out = data.to_global_batch(batch, NamedSharding(mesh, P("data")))
-    assert out["image"].shape == (4 * n, 28, 28, 1) and out["label"].dtype == np.int32
-    np.testing.assert_array_equal(np.asarray(out["image"]), batch["image"])
-    np.testing.assert_array_equal(np.asarray(out["mask"]), batch["mask"])
-    shardings = {k: NamedSharding(mesh, P("data")) for k in batch}
-    out2 = data.to_global_batch(batch, shardings)
-    np.testing.assert_array_equal(np.asarray(out2["label"]), batch["label"])
-
-
 # ----------------------------------------------------------------------------------------------
 # Missing data and bad arguments
 # ----------------------------------------------------------------------------------------------

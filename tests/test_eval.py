@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from jax_tokens import data as data_lib
-from jax_tokens import trainer
+from jax_tokens import train as trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = str(ROOT / "configs" / "fashion_mnist_vit.py")
@@ -21,8 +21,8 @@ TINY = {
     "model.mlp_ratio": 2.0, "train.batch_size": 32, "train.total_steps": 40, "train.lr": 3e-3,
     "train.warmup_steps": 5, "train.log_every": 10, "train.progress": False,
     "data.num_threads": 1, "eval.batch_size": 128, "checkpoint.every_steps": 20,
-    # EViT-style pruning at block 1, so that keep_rate sweeps have layers to prune.
-    "model.reduction.method": "prune", "model.reduction.layers": (1,),
+    # EViT at block 1, so that keep_rate sweeps have layers to prune.
+    "model.reduction.method": "evit", "model.reduction.layers": (1,),
     "model.reduction.keep_rate": 0.5, "model.reduction.fuse": True,
     # Keep rate 1.0 for the first half of training, then 0.5 (two compiled train steps).
     "budget_warmup.fraction": 0.5, "budget_warmup.levels": 1,
@@ -55,7 +55,7 @@ def test_cli_sweep_prints_table_and_visualizes(run, tmp_path):
     out_json = tmp_path / "sweep.json"
     vis_dir = tmp_path / "vis"
     proc = subprocess.run(
-        [sys.executable, "eval.py", "--workdir", workdir, "--sweep", "r=0,2,4", "--rounds", "2",
+        [sys.executable, "eval.py", "--workdir", workdir, "--sweep", "tome:r=0,2,4", "--rounds", "2",
          "--visualize", "2", "--visualize_dir", str(vis_dir), "--json", str(out_json)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -112,4 +112,6 @@ def test_single_eval_and_errors(run, eval_cli, capsys, tmp_path):
     assert eval_cli("--workdir", str(tmp_path)) == 1
     assert "no committed checkpoint" in capsys.readouterr().err
     assert eval_cli("--workdir", workdir, "--sweep", "num_tokens=4") == 1
-    assert "not one of r, keep_rate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--sweep key 'num_tokens' is not a field of reducer 'evit'" in err
+    assert "keep_rate, layers, fuse" in err

@@ -11,7 +11,13 @@ import pytest
 from flax import nnx
 
 from jax_tokens import tokens as tk
-from jax_tokens.models import ReductionConfig, VisionTransformer, ViTConfig
+from jax_tokens.models import VisionTransformer, ViTConfig
+from jax_tokens import reducers
+from jax_tokens.reducers.evit import EViT
+from jax_tokens.reducers.identity import NoReduction
+from jax_tokens.reducers.token_learner import TokenLearner
+from jax_tokens.reducers.tome import ToMe
+from jax_tokens.reducers.topk import TopK
 from jax_tokens.models import convert
 
 
@@ -47,7 +53,7 @@ def test_tome_vit_matches_reference(golden, r):
     cfg = ViTConfig(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
                     depth=c["depth"], num_heads=c["num_heads"], num_classes=c["num_classes"],
                     attn_impl="xla", trace_source=True,
-                    reduction=ReductionConfig(method="tome", r=r, prop_attn=meta["prop_attn"]))
+                    reduction=ToMe(r=r, prop_attn=meta["prop_attn"]))
     model = convert.from_timm(_timm_state(d), cfg)
     logits, aux = jit_forward(model, _nhwc(d["images"]))
     np.testing.assert_allclose(logits, d[f"logits_r{r}"], atol=1e-4, rtol=0)
@@ -69,7 +75,7 @@ def test_evit_matches_reference(golden, variant):
     cfg = ViTConfig(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
                     depth=c["depth"], num_heads=c["num_heads"], num_classes=c["num_classes"],
                     attn_impl="xla",
-                    reduction=ReductionConfig(method="prune", keep_rate=rate, layers=layers,
+                    reduction=TopK(keep_rate=rate, layers=layers,
                                               score="cls_attn", order="score",
                                               fuse=meta["fuse_token"]))
     # token counts per block equal EViT's left_tokens (+1 for the class token)
@@ -79,9 +85,9 @@ def test_evit_matches_reference(golden, variant):
     logits, aux = jit_forward(model, images)
     np.testing.assert_allclose(logits, d["logits"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(aux["features"], d["features"], atol=1e-4, rtol=0)
-    for i, kept in enumerate(aux["kept_idx"]):
-        np.testing.assert_array_equal(kept, d[f"kept_idx_{i}"])
-    _, aux1 = jit_forward(model, images, reduction=ReductionConfig())
+    for i, plan in enumerate(aux["plans"]):
+        np.testing.assert_array_equal(plan.kept_idx, d[f"kept_idx_{i}"])
+    _, aux1 = jit_forward(model, images, reduction=NoReduction())
     np.testing.assert_allclose(aux1["features"], d["features_keep1"], atol=1e-4, rtol=0)
 
 
@@ -92,16 +98,16 @@ def test_reduced_vit_with_interpret_mode_kernels_matches_reference(golden, impl)
     d = golden("evit_fuse.npz")
     cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
                     num_classes=10, attn_impl=impl,
-                    reduction=ReductionConfig(method="prune", keep_rate=0.7, layers=(1, 3, 5),
+                    reduction=TopK(keep_rate=0.7, layers=(1, 3, 5),
                                               fuse=True))
     logits, aux = jit_forward(convert.from_timm(_timm_state(d), cfg), _nhwc(d["images"]))
     np.testing.assert_allclose(logits, d["logits"], atol=1e-4, rtol=0)
-    for i, kept in enumerate(aux["kept_idx"]):
-        np.testing.assert_array_equal(kept, d[f"kept_idx_{i}"])
+    for i, plan in enumerate(aux["plans"]):
+        np.testing.assert_array_equal(plan.kept_idx, d[f"kept_idx_{i}"])
     d = golden("tome_vit_small.npz")
     cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
                     num_classes=10, attn_impl=impl,
-                    reduction=ReductionConfig(method="tome", r=8, prop_attn=True))
+                    reduction=ToMe(r=8, prop_attn=True))
     logits, aux = jit_forward(convert.from_timm(_timm_state(d), cfg), _nhwc(d["images"]))
     np.testing.assert_allclose(logits, d["logits_r8"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(aux["size"], d["size_r8"], atol=1e-4, rtol=0)
@@ -144,14 +150,14 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_c
 
 @pytest.mark.parametrize("kw,red,tokens", [
     (dict(distill_token=True, num_registers=2, layer_scale_init=1e-5),
-     ReductionConfig(method="tome", r=2), [20, 18, 16, 14, 12]),
+     ToMe(r=2), [20, 18, 16, 14, 12]),
     (dict(pos_embed="sincos", global_pool="avg", num_registers=1),
-     ReductionConfig(method="prune", keep_rate=0.5, layers=(1, 2), fuse=True, order="position"),
+     TopK(keep_rate=0.5, layers=(1, 2), fuse=True, order="position"),
      [18, 18, 11, 8, 8]),
     (dict(class_token=False, global_pool="avg", pos_embed="none"),
-     ReductionConfig(method="tome", r=(3, 0.5)), [16, 15, 13, 10, 5]),
-    (dict(), ReductionConfig(method="lookup", layers=(1,), num_tokens=4), [17, 17, 5, 5, 5]),
-    (dict(), ReductionConfig(method="prune", keep_rate=(0.5, 0.5), layers=(0, 2),
+     ToMe(r=(3, 0.5)), [16, 15, 13, 10, 5]),
+    (dict(), TokenLearner(layers=(1,), num_tokens=4), [17, 17, 5, 5, 5]),
+    (dict(), TopK(keep_rate=(0.5, 0.5), layers=(0, 2),
                              score="key_mass"), [17, 9, 9, 5, 5]),
 ])
 def test_variants_run_and_count_tokens(kw, red, tokens):
@@ -162,27 +168,39 @@ def test_variants_run_and_count_tokens(kw, red, tokens):
     logits, aux = jit_forward(model, images)
     assert logits.shape == (2, 5) and bool(jnp.isfinite(logits).all())
     assert aux["size"].shape == (2, tokens[-1], 1)
-    # sizes account for every patch (lookup and fusion included) unless tokens were dropped
-    if not (red.method == "prune" and not red.fuse):
-        np.testing.assert_allclose(aux["size"].sum((1, 2)), cfg.num_tokens, rtol=1e-5)
-    assert aux["source_index"].shape == (2, cfg.num_tokens)
-    assert int(aux["source_index"].max()) < tokens[-1]
+    src, size = np.asarray(aux["source_index"]), np.asarray(aux["size"][..., 0])
+    assert src.shape == (2, cfg.num_tokens)
+    # Sizes account for every patch that was not dropped (learned and fused tokens included).
+    np.testing.assert_allclose(size.sum(1), (src >= 0).sum(1), rtol=1e-5)
+    # The source map is the composition of the returned plans' assignments ...
+    want = np.broadcast_to(np.arange(cfg.num_tokens), src.shape)
+    for plan in aux["plans"]:
+        want = np.take_along_axis(np.asarray(plan.assignment), want, axis=1)
+    np.testing.assert_array_equal(src, want)
+    # ... and, where tokens are hard groups, a token's size is the number of patches it holds.
+    if not red.learned:
+        counts = (src[:, :, None] == np.arange(tokens[-1])).sum(1)
+        np.testing.assert_array_equal(size, counts)
+    # Protected tokens (class, distillation; all prefix tokens under pruning) stay in front.
+    front = cfg.num_prefix_tokens if red.picture == "kept" else \
+        int(cfg.class_token) + int(cfg.distill_token)
+    np.testing.assert_array_equal(src[:, :front], np.broadcast_to(np.arange(front), (2, front)))
 
 
 def test_random_pruning_needs_key_and_is_keyed():
-    cfg = ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=0.5,
+    cfg = ViTConfig(**TINY, reduction=TopK(keep_rate=0.5,
                                                       layers=(1,), score="random"))
     model = make_model(cfg)
     images = jnp.ones((1, 16, 16, 3))
-    with pytest.raises(ValueError, match="needs a PRNG key"):
+    with pytest.raises(ValueError, match="draws random numbers: call the model with key="):
         model(images)
-    a = jit_forward(model, images, key=jax.random.key(0))[1]["kept_idx"][0]
-    b = jit_forward(model, images, key=jax.random.key(1))[1]["kept_idx"][0]
+    a = jit_forward(model, images, key=jax.random.key(0))[1]["plans"][0].kept_idx
+    b = jit_forward(model, images, key=jax.random.key(1))[1]["plans"][0].kept_idx
     assert a.shape == (1, 8) and not np.array_equal(a, b)
 
 
 def test_jit_eager_grad_no_retrace():
-    cfg = ViTConfig(**TINY, reduction=ReductionConfig(method="tome", r=3))
+    cfg = ViTConfig(**TINY, reduction=ToMe(r=3))
     model = make_model(cfg)
     images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     graphdef, state = nnx.split(model)
@@ -203,11 +221,14 @@ def test_jit_eager_grad_no_retrace():
     assert float(jnp.abs(grads["patch_embed"]["kernel"][...]).sum()) > 0
 
 
-@pytest.mark.parametrize("red", [ReductionConfig(),
-                                 ReductionConfig(method="tome", r=16),
-                                 ReductionConfig(method="prune", keep_rate=0.7, layers=(3, 6, 9),
-                                                 fuse=True)])
+@pytest.mark.parametrize("red", [NoReduction(),
+                                 ToMe(r=16, clamp_r=True),
+                                 TopK(keep_rate=0.7, layers=(3, 6, 9), fuse=True),
+                                 EViT(keep_rate=0.7, layers=(3, 6, 9)),
+                                 TokenLearner(layers=(3,), num_tokens=49)])
 def test_flops_estimate_matches_xla_for_vit_b16(red):
+    """Every registered reducer in ViT-B/16 (test_every_registered_reducer_has_a_flops_case
+    keeps this list complete)."""
     cfg = ViTConfig.vit_base(attn_impl="xla", reduction=red)
     abstract = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -220,21 +241,45 @@ def test_flops_estimate_matches_xla_for_vit_b16(red):
 
 def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="reduction.layers contains 7.*allowed: 0..3"):
-        ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=0.5, layers=(7,)))
+        ViTConfig(**TINY, reduction=TopK(keep_rate=0.5, layers=(7,)))
     with pytest.raises(ValueError, match=r"keep_rate \(layer 1\)=1.5 .*\(0.0, 1.0\]"):
-        ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=1.5, layers=(1,)))
+        ViTConfig(**TINY, reduction=TopK(keep_rate=1.5, layers=(1,)))
     with pytest.raises(ValueError, match="keep_rate has 1 entries but reduction.layers has 2"):
-        ViTConfig(**TINY, reduction=ReductionConfig(method="prune", keep_rate=(0.5,),
+        ViTConfig(**TINY, reduction=TopK(keep_rate=(0.5,),
                                                     layers=(1, 2)))
-    with pytest.raises(ValueError, match=r"reduction.num_tokens=40 .*<= 16"):
-        ViTConfig(**TINY, reduction=ReductionConfig(method="lookup", layers=(1,),
+    with pytest.raises(ValueError, match=r"reduction.num_tokens=40 at block 1 must be fewer than the 16"):
+        ViTConfig(**TINY, reduction=TokenLearner(layers=(1,),
                                                     num_tokens=40))
     with pytest.raises(ValueError, match="reduction.method='merge' is not one of"):
-        ReductionConfig(method="merge")
+        ViTConfig(**TINY, reduction=dict(method="merge"))
+    with pytest.raises(ValueError, match="reduction.keep_rate is not a field of reducer 'tome'"):
+        ViTConfig(**TINY, reduction=dict(method="tome", keep_rate=0.5))
+    with pytest.raises(ValueError, match="block 3 to merge r=5 tokens, but only 9 tokens"):
+        ViTConfig(**TINY, reduction=ToMe(r=(0, 4, 4, 5)))
     with pytest.raises(ValueError, match="img_size=30 must be a multiple of patch_size=4"):
         ViTConfig(**{**TINY, "img_size": 30})
     with pytest.raises(ValueError, match="r=-2"):
-        ViTConfig(**TINY, reduction=ReductionConfig(method="tome", r=-2))
+        ViTConfig(**TINY, reduction=ToMe(r=-2))
     model = make_model(ViTConfig(**TINY))
     with pytest.raises(ValueError, match=r"images must have shape \[batch, 16, 16, 3\]"):
         model(jnp.ones((1, 3, 16, 16)))
+
+
+def test_every_registered_reducer_has_a_flops_case():
+    cases = test_flops_estimate_matches_xla_for_vit_b16.pytestmark[0].args[1]
+    assert {type(r).method for r in cases} == set(reducers.names())
+
+
+def test_sincos_table_is_big_visions():
+    """pos_embed="sincos" is big_vision's posemb_sincos_2d (temperature 10000), typed out here
+    independently: [sin(x w), cos(x w), sin(y w), cos(y w)], w_i = 10000^-(i / (D/4 - 1))."""
+    cfg = ViTConfig(**{**TINY, "pos_embed": "sincos"})
+    table = np.asarray(make_model(cfg).pos_embed[...])[0, 1:]       # [16, 32] after the cls
+    d4, grid = 32 // 4, 4
+    w = 1.0 / 10000 ** (np.arange(d4) / (d4 - 1))
+    want = np.zeros((grid * grid, 32))
+    for yy in range(grid):
+        for xx in range(grid):
+            want[yy * grid + xx] = np.concatenate([np.sin(xx * w), np.cos(xx * w),
+                                                   np.sin(yy * w), np.cos(yy * w)])
+    np.testing.assert_allclose(table, want, atol=1e-6)

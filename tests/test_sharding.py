@@ -46,15 +46,18 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     from flax import nnx
 
     from jax_tokens import sharding as shd
-    from jax_tokens.models.vit import ReductionConfig, ViTConfig, VisionTransformer
+    from jax_tokens.models.vit import ViTConfig, VisionTransformer
+    from jax_tokens.reducers.token_learner import TokenLearner
+    from jax_tokens.reducers.tome import ToMe
+    from jax_tokens.reducers.topk import TopK
 
     assert len(jax.devices()) == 8, jax.devices()
     report: dict = {"devices": len(jax.devices())}
 
     reductions = {
-        "tome": ReductionConfig(method="tome", r=2),
-        "evit": ReductionConfig(method="prune", keep_rate=0.5, layers=(1,), fuse=True),
-        "lookup": ReductionConfig(method="lookup", layers=(1,), num_tokens=4),
+        "tome": ToMe(r=2),
+        "evit": TopK(keep_rate=0.5, layers=(1,), fuse=True),
+        "lookup": TokenLearner(layers=(1,), num_tokens=4),
     }
 
     def vit_cfg(name, attn_impl="xla", depth=2):
@@ -391,10 +394,11 @@ if __name__ != "__main__":
     def test_constrain_and_attention_are_plain_without_a_mesh():
         import jax.numpy as jnp
         from jax_tokens.attention import attention
+        from jax_tokens.attention.sharded import attention as sharded_attention
         x = jnp.arange(24.0).reshape(2, 3, 4)
         assert shd.constrain(x, ("batch", "tokens", "embed")) is x
         q = jax.random.normal(jax.random.key(0), (2, 5, 2, 4))
-        out, st = shd.attention(q, q, q, stats=("mean_key", "cls_probs"), impl="xla")
+        out, st = sharded_attention(q, q, q, stats=("mean_key", "cls_probs"), impl="xla")
         ref, st_ref = attention(q, q, q, stats=("mean_key", "cls_probs"), impl="xla")
         assert (out == ref).all() and (st["cls_probs"] == st_ref["cls_probs"]).all()
 
@@ -436,9 +440,12 @@ if __name__ != "__main__":
 
     def test_model_parameters_carry_logical_axes():
         from flax import nnx
-        from jax_tokens.models.vit import ReductionConfig, ViTConfig, VisionTransformer
+        from jax_tokens.models.vit import ViTConfig, VisionTransformer
+        from jax_tokens.reducers.token_learner import TokenLearner
+        from jax_tokens.reducers.tome import ToMe
+        from jax_tokens.reducers.topk import TopK
         cfg = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
-                        num_classes=10, reduction=ReductionConfig(method="lookup", layers=(0,),
+                        num_classes=10, reduction=TokenLearner(layers=(0,),
                                                                   num_tokens=4))
         model = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
         params = nnx.state(model, nnx.Param)

@@ -17,7 +17,8 @@ import pytest
 
 from jax_tokens import checkpoint as ckpt_lib
 from jax_tokens import data as data_lib
-from jax_tokens import metrics, trainer
+from jax_tokens import metrics
+from jax_tokens import train as trainer
 from jax_tokens.models import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_loss_falls_and_outputs_written(reference_run):
         "commit_success.txt", "config", "data", "state"]
     # The export: Orbax params + config, and a timm-named safetensors file.
     export = os.path.join(workdir, "export")
-    cfg, graphdef, params, rest = ckpt_lib.load_export(export)
+    cfg, graphdef, params, rest = trainer.load_export(export)
     assert cfg.embed_dim == 32 and cfg.patch_size == 7
     tensors = convert.read_safetensors(os.path.join(export, "model.safetensors"))
     assert "blocks.0.attn.qkv.weight" in tensors

@@ -7,35 +7,9 @@ from typing import Sequence
 import jax
 
 from jax_tokens.attention import xla
+from jax_tokens.attention.checks import STATS, check_inputs
 
-STATS = ("lse", "cls_probs", "key_mass", "mean_key")
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
-
-
-def check_inputs(q, k, v, bias, key_size, stats) -> None:
-    """Shapes and statistic names every implementation requires (the Pallas kernels add their
-    own dtype, scale and block checks on top)."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if getattr(a, "ndim", None) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, tokens, heads, head_dim]; "
-                             f"got shape {getattr(a, 'shape', None)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {k.shape}, v {v.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q {q.shape} and k {k.shape} must agree in batch, heads and head_dim")
-    b, nq, h, _ = q.shape
-    nk = k.shape[1]
-    if key_size is not None and tuple(key_size.shape) != (b, nk):
-        raise ValueError(f"key_size must have shape [batch, keys] = {(b, nk)}; "
-                         f"got {tuple(key_size.shape)}")
-    if bias is not None:
-        want = (b, h, nq, nk)
-        if bias.ndim != 4 or any(s not in (1, w) for s, w in zip(bias.shape, want)):
-            raise ValueError(f"bias must broadcast to [batch, heads, queries, keys] = {want}; "
-                             f"got shape {tuple(bias.shape)}")
-    bad = [s for s in stats if s not in STATS]
-    if bad:
-        raise ValueError(f"stats={tuple(stats)!r} contains unknown {bad}; allowed: {STATS}")
 
 
 def resolve_impl(impl: str) -> str:
@@ -87,9 +61,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
     if impl == "xla":
         return xla.attention_xla(q, k, v, **kwargs)
     if impl in ("pallas_tpu", "pallas_gpu"):
-        try:
-            from jax_tokens.attention import pallas  # pylint: disable=import-outside-toplevel
-        except ImportError as e:  # pragma: no cover - until the kernels land
-            raise ValueError(f"impl={impl!r} is not available in this build: {e}") from e
+        from jax_tokens.attention import pallas  # pylint: disable=import-outside-toplevel
         return pallas.attention_pallas(q, k, v, backend=impl.split("_")[1], **kwargs)
     raise AssertionError(impl)

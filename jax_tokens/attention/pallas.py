@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from jax_tokens.attention import pallas_gpu, pallas_tpu
-from jax_tokens.attention.api import check_inputs
+from jax_tokens.attention.checks import check_inputs
 
 BACKENDS = ("tpu", "gpu")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

@@ -38,7 +38,7 @@ The package, by responsibility (imports run one way, top to bottom)::
     fashion_mnist.py  FashionMnistLocal (the local TFDS builder), read_idx, its source files
     prepared.py       prepare, dataset_info / DatasetSummary, opening prepared datasets
     preprocess.py     NumPy / Pillow decoding, cropping, normalisation, augmentation
-    loaders.py        make_train_loader / make_eval_loader (Grain), to_global_batch
+    loaders.py        make_train_loader / make_eval_loader (Grain)
     cli.py            main (``python -m jax_tokens.data``, via __main__.py)
 
 Everything public is re-exported here: ``from jax_tokens import data; data.make_train_loader``.
@@ -50,8 +50,7 @@ from jax_tokens.data.fashion_mnist import (APT_COMMAND, FASHION_MNIST_CLASSES,
                                            FASHION_MNIST_SOURCE_DIR, FashionMnistLocal, read_idx)
 # Private, but read by tests/test_data.py on the old module:
 from jax_tokens.data.fashion_mnist import _FASHION_FILES, _fashion_sources_missing
-from jax_tokens.data.loaders import (EvalLoader, TrainLoader, make_eval_loader, make_train_loader,
-                                     to_global_batch)
+from jax_tokens.data.loaders import EvalLoader, TrainLoader, make_eval_loader, make_train_loader
 from jax_tokens.data.prepared import DatasetSummary, dataset_info, prepare
 from jax_tokens.data.preprocess import (decode_image, imagenet_eval_image, imagenet_train_image,
                                         normalize, sample_crop_box)
@@ -71,7 +70,6 @@ __all__ = [
     "dataset_info",
     "make_train_loader",
     "make_eval_loader",
-    "to_global_batch",
     "decode_image",
     "sample_crop_box",
     "imagenet_train_image",

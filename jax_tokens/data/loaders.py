@@ -1,5 +1,6 @@
 """Grain input pipelines: `make_train_loader` (shuffled, augmented, resumable) and
-`make_eval_loader` (one ordered pass, padded with a mask), and `to_global_batch`.
+`make_eval_loader` (one ordered pass, padded with a mask); `jax_tokens.sharding.put_batch`
+places a batch on the devices.
 """
 
 from __future__ import annotations
@@ -371,19 +372,3 @@ def make_eval_loader(name, data_dir, batch_size: int, split: str | None = None, 
         process_num_examples=end - start, num_batches=num_batches, image_shape=out_shape,
         num_classes=_num_classes(builder.info, spec.label_key), shard_options=shard_options,
         spec=spec)
-
-
-def to_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Places a process-local batch on devices as global jax.Arrays.
-
-    Args:
-      batch: pytree of NumPy arrays whose leading axis is this process's part of the batch.
-      sharding: one jax.sharding.Sharding for every leaf (shard the leading axis only, e.g.
-        NamedSharding(mesh, P("data"))), or a pytree of shardings with batch's structure.
-
-    Returns:
-      the same pytree of jax.Arrays with global leading axis = sum over processes.
-    """
-    if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, sharding)

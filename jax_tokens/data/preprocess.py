@@ -10,6 +10,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from jax_tokens.images import normalize
+
 
 def _to_pil(image) -> Image.Image:
     """Encoded bytes or a uint8 array [H, W] / [H, W, C] -> a lazily decoded PIL image."""
@@ -107,15 +109,6 @@ def imagenet_eval_image(image, image_size: int = 224, *, crop_fraction: float = 
     side = min(width, height) * crop_fraction   # the crop, in original pixels
     box = ((width - side) / 2, (height - side) / 2, side, side)
     return _crop_resize(img, box, image_size)
-
-
-def normalize(images: np.ndarray, mean=None, std=None) -> np.ndarray:
-    """uint8 [..., C] -> float32 [..., C]: x / 255, then (x - mean) / std per channel if given."""
-    x = images.astype(np.float32) * np.float32(1 / 255)
-    if mean is not None:
-        x -= np.asarray(mean, np.float32)
-        x *= np.float32(1) / np.asarray(std, np.float32)
-    return x
 
 
 def _resize_uint8(image: np.ndarray, size: int) -> np.ndarray:

@@ -14,13 +14,13 @@ import re
 
 import tensorflow_datasets as tfds
 
+from jax_tokens.images import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_DATA_DIR = os.path.expanduser(
     os.environ.get("JAX_TOKENS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
 """Where datasets are prepared and read when `data_dir` is None: $JAX_TOKENS_DATA_DIR, else
 ~/tensorflow_datasets."""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _PREPROCESS = ("small", "imagenet")
 
 

@@ -29,7 +29,8 @@ from jax_tokens.lookup.block import (LookupViTBlock, bidirectional_logits, bidir
                                      lookup_block_flops)
 from jax_tokens.lookup.plan import LookupPlan, compress
 from jax_tokens.lookup.pooling import adaptive_pool_matrix, init_lookup_tokens, lookup_grid
-from jax_tokens.lookup.token_learner import Mlp, TokenLearner, token_learner_flops
+from jax_tokens.layers import Mlp
+from jax_tokens.lookup.token_learner import TokenLearner, token_learner_flops
 
 __all__ = [
     "LookupPlan",

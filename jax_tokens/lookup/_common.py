@@ -10,35 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_tokens import tokens as tok
+from jax_tokens.layers import linear_axes, norm_axes
 
 F32 = jnp.float32
 LN_EPS = 1e-6
 
 
-def _axes(*names):
-    """NNX metadata: logical axis names (see jax_tokens.sharding), applied when sharding."""
-    return {"out_sharding": names, "eager_sharding": False}
+_ln_axes = norm_axes
+_lin_axes = linear_axes
 
 
-def _ln_axes():
-    return dict(scale_metadata=_axes("norm"), bias_metadata=_axes("norm"))
-
-
-def _lin_axes(din, dout):
-    """Linear kernel / bias metadata for (input, output) logical names."""
-    return dict(kernel_metadata=_axes(din, dout), bias_metadata=_axes(dout))
-
-
-def _static_float(name: str, value: Any, *, positive: bool = True) -> float:
-    if tok.is_traced(value) or isinstance(value, jax.Array):
-        raise TypeError(f"{name} must be a static Python float known at trace time; got a "
-                        f"traced/array value {value!r}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float; got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name}={value} is not allowed: it must be a finite float > 0")
-    return value
+def _static_float(name: str, value: Any) -> float:
+    """A static, finite float > 0."""
+    return tok.static_float(name, value, low=0.0, high=None)
 
 
 def _hidden(name: str, dim: int, ratio: Any) -> int:

@@ -12,7 +12,7 @@ from jax_tokens.attention import attention
 from jax_tokens.lookup._common import (F32, LN_EPS, _check_channels, _hidden, _lin_axes,
                                        _ln_axes, _static_float)
 from jax_tokens.lookup.plan import LookupPlan
-from jax_tokens.lookup.token_learner import Mlp
+from jax_tokens.layers import Mlp
 
 
 def bidirectional_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:

@@ -6,29 +6,9 @@ import jax
 from flax import nnx
 
 from jax_tokens import tokens as tok
-from jax_tokens.lookup._common import F32, LN_EPS, _check_channels, _lin_axes, _ln_axes
+from jax_tokens.layers import Mlp
+from jax_tokens.lookup._common import F32, LN_EPS, _check_channels, _ln_axes
 from jax_tokens.lookup.plan import LookupPlan, compress
-
-
-class Mlp(nnx.Module):
-    """Dense -> GELU -> Dense (the transformer MLP).
-
-    `out_axis` is the logical axis name of the output ("embed", or None for score maps).
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None, *,
-                 approximate_gelu: bool = False, kernel_init=nnx.initializers.xavier_uniform(),
-                 bias_init=nnx.initializers.zeros_init(), dtype=None, param_dtype=F32,
-                 out_axis: str | None = "embed", rngs: nnx.Rngs):
-        out_dim = dim if out_dim is None else out_dim
-        kw = dict(kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, hidden_dim, **kw, **_lin_axes("embed", "mlp"))
-        self.fc2 = nnx.Linear(hidden_dim, out_dim, **kw, **_lin_axes("mlp", out_axis))
-        self.approximate_gelu = approximate_gelu
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
 
 
 class TokenLearner(nnx.Module):

