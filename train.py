@@ -43,12 +43,12 @@ def main(argv):
     except schema.ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    from jax_tokens import checkpoint, data, sharding  # pylint: disable=C0415
+    from jax_tokens import checkpoint, data, distributed  # pylint: disable=C0415
     from jax_tokens.train import loop  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every save at INFO
     try:
-        sharding.maybe_initialize_distributed(config)   # before anything touches a device
+        distributed.maybe_initialize_distributed(config)   # before anything touches a device
         result = loop.train(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
     except (schema.ConfigError, checkpoint.CheckpointError,
             data.DatasetNotPreparedError) as e:

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from jax_tokens import distributed  # noqa: E402
 from jax_tokens import sharding as shd  # noqa: E402
 from jax_tokens.models.vit import ViTConfig, VisionTransformer  # noqa: E402
 from jax_tokens.reducers.identity import NoReduction  # noqa: E402
@@ -90,7 +91,7 @@ def build(cfg: ViTConfig, mesh, rules, batch, tx):
                            donate_argnums=(0, 1)).lower(params, opt, rest, b).compile()
         compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    counts = shd.collective_counts(compiled.as_text())
+    counts = distributed.collective_counts(compiled.as_text())
     state_bytes = sum(s.data.nbytes for a in jax.tree.leaves((params, opt))
                       for s in a.addressable_shards[:1])
     return {"compiled": compiled, "state": [params, opt], "rest": rest, "batch": b,

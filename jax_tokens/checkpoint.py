@@ -235,10 +235,16 @@ class Checkpointer:
             raise self._unreadable(step, "its state metadata", e) from e
         diff = _shape_diff(saved, _shapes(abstract_state))
         if diff:
+            legacy = any(".lookup." in d and "in the checkpoint, not in the model" in d
+                         for d in diff)
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} does not fit this model/optimizer "
                 f"({len(diff)} differences, checkpoint vs now):\n  " + "\n  ".join(diff[:20])
-                + ("\n  ..." if len(diff) > 20 else ""))
+                + ("\n  ..." if len(diff) > 20 else "")
+                + ("\nThis checkpoint predates the reducer registry: its TokenLearner "
+                   "parameters are under 'lookup', which now live in 'blocks.<layer>.reducer'. "
+                   "Restore it with the jax_tokens version that wrote it and export it, or "
+                   "retrain." if legacy else ""))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             _, restore_cls = _grain_args()

@@ -45,7 +45,7 @@ the selection (ToMe's matching, top-k pruning) in `jax.shard_map` over the batch
 XLA's partitioner would otherwise all-gather the batch for `lax.top_k` / `sort`. The tests
 check that the compiled HLO of a data-parallel step has no all-gather or all-to-all.
 
-Multi-host: call `maybe_initialize_distributed(config)` first thing; every process then loads
+Multi-host: call `jax_tokens.distributed.maybe_initialize_distributed(config)` first thing; every process then loads
 its own part of each global batch (the data module shards by `jax.process_index()`) and
 `put_batch` assembles the global array with `jax.make_array_from_process_local_data`.
 """
@@ -55,21 +55,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
-import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = [
-    "AXES", "LOGICAL_AXES", "PRESETS", "Rules", "logical_axes", "make_mesh", "mesh_shape", "axis_rules",
+    "AXES", "LOGICAL_AXES", "PRESETS", "Rules", "logical_axes", "make_mesh", "mesh_shape",
+    "axis_rules",
     "rules_from_config", "check_rules", "logical_to_spec", "logical_sharding", "batch_axes",
     "batch_sharding", "replicated", "state_shardings", "abstract_with_shardings",
     "check_batch_size", "put_batch", "use_mesh", "flax_rules", "current_rules", "constrain",
     "per_example", "spec_entry", "split_axes", "mesh_sizes", "rules_dict", "context_mesh",
-    "maybe_initialize_distributed",
-    "collective_counts",
 ]
 
 AXES = ("data", "fsdp", "tensor")
@@ -501,75 +498,3 @@ def split_axes(axes: Sequence[str], n: int, sizes: Mapping[str, int]) -> tuple[s
 
 def spec_entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-host
-# ----------------------------------------------------------------------------------------------
-
-def _truthy(v) -> bool:
-    return str(v).strip().lower() in ("1", "true", "yes", "on")
-
-
-def maybe_initialize_distributed(config: Any = None, *, initialize: Callable | None = None
-                                 ) -> bool:
-    """Calls `jax.distributed.initialize()` when the run is multi-process; returns whether
-    the distributed runtime is (now) initialized. Call it before anything touches a device.
-
-    Multi-process when `config.distributed` is true (a bool, or a group with
-    `coordinator_address` / `num_processes` / `process_id`), or the environment sets
-    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID) or JAX_DISTRIBUTED=1.
-    On a Cloud TPU pod slice, `distributed=True` with no addresses is enough: JAX finds the
-    coordinator and the process ids itself.
-    """
-    init = jax.distributed.initialize if initialize is None else initialize
-    if initialize is None and jax.distributed.is_initialized():
-        return True
-    dist = getattr(config, "distributed", None) if config is not None else None
-    if dist is None and isinstance(config, Mapping):
-        dist = config.get("distributed")
-    kwargs: dict[str, Any] = {}
-    wanted = False
-    if isinstance(dist, bool) or dist is None:
-        wanted = bool(dist)
-    elif hasattr(dist, "get") or hasattr(dist, "coordinator_address"):
-        get = dist.get if hasattr(dist, "get") else (lambda k, d=None: getattr(dist, k, d))
-        wanted = bool(get("enabled", True))
-        for key in ("coordinator_address", "num_processes", "process_id"):
-            if get(key, None) is not None:
-                kwargs[key] = get(key)
-    else:
-        raise ValueError(f"config.distributed={dist!r} must be a bool or a group with "
-                         "coordinator_address / num_processes / process_id")
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or _truthy(env.get("JAX_DISTRIBUTED", "")):
-        wanted = True
-    if not wanted:
-        return False
-    kwargs.setdefault("coordinator_address", env.get("JAX_COORDINATOR_ADDRESS") or None)
-    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-        if key not in kwargs and env.get(var):
-            kwargs[key] = int(env[var])
-    init(**{k: v for k, v in kwargs.items() if v is not None})
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Inspecting compiled steps
-# ----------------------------------------------------------------------------------------------
-
-_COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter",
-                "collective-permute")
-_OP = re.compile(r"\s(all-gather|all-to-all|all-reduce|reduce-scatter|collective-permute)"
-                 r"(-start)?\(")
-
-
-def collective_counts(hlo_text: str) -> dict[str, int]:
-    """How many of each collective an HLO module text (`compiled.as_text()`) has (an async
-    pair `-start` / `-done` counts once)."""
-    counts = {name: 0 for name in _COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if m:
-            counts[m.group(1)] += 1
-    return counts

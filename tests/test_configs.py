@@ -172,6 +172,13 @@ def test_configs_written_before_the_registry_are_upgraded():
     new = trainer.load_config(_cfg("fashion_mnist_evit.py"), {"model.reduction.method": "topk"})
     old["model"]["reduction"] = legacy
     assert trainer.config_diff(old, new) == []     # a legacy checkpoint resumes
+    # An export's config.json of that time.
+    from jax_tokens import models
+    cfg = models.config_from_dict({"img_size": 28, "patch_size": 4, "in_chans": 1,
+                                   "num_classes": 10, "embed_dim": 64, "depth": 4,
+                                   "num_heads": 4, "reduction": legacy})
+    assert cfg.reduction == reducers.get("topk")(keep_rate=0.5, layers=(1,), fuse=True)
+    assert models.config_from_dict(models.config_to_dict(cfg)) == cfg
     legacy_tome = dict(legacy, method="tome", r=12, clamp_r=True)
     assert reducers.upgrade_legacy(legacy_tome) == {"method": "tome", "r": 12,
                                                     "prop_attn": True, "clamp_r": True}

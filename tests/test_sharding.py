@@ -45,6 +45,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from jax_tokens import distributed
     from jax_tokens import sharding as shd
     from jax_tokens.models.vit import ViTConfig, VisionTransformer
     from jax_tokens.reducers.token_learner import TokenLearner
@@ -187,7 +188,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
                          "qkv_spec": spec_of(run.params, qkv_key),
                          "fc1_spec": spec_of(run.params, fc1_key),
                          "mu_qkv_spec": spec_of(run.opt[0].mu, qkv_key),
-                         "collectives": shd.collective_counts(run.compiled.as_text())}
+                         "collectives": distributed.collective_counts(run.compiled.as_text())}
                 loss, grads = run()
                 entry.update(loss=abs(float(loss) - float(ref_loss)),
                              grads=max_diff(grads, ref_grads),
@@ -308,6 +309,7 @@ if __name__ != "__main__":
     import pytest
     from jax.sharding import AbstractMesh, PartitionSpec as P
 
+    from jax_tokens import distributed
     from jax_tokens import sharding as shd
 
     @pytest.fixture(scope="module")
@@ -408,14 +410,14 @@ if __name__ != "__main__":
                     "JAX_DISTRIBUTED"):
             monkeypatch.delenv(var, raising=False)
         init = lambda **kw: calls.append(kw)  # noqa: E731
-        assert not shd.maybe_initialize_distributed({"distributed": False}, initialize=init)
-        assert not shd.maybe_initialize_distributed(None, initialize=init)
-        assert shd.maybe_initialize_distributed({"distributed": True}, initialize=init)
+        assert not distributed.maybe_initialize_distributed({"distributed": False}, initialize=init)
+        assert not distributed.maybe_initialize_distributed(None, initialize=init)
+        assert distributed.maybe_initialize_distributed({"distributed": True}, initialize=init)
         assert calls[-1] == {}                          # Cloud TPU: JAX finds everything
         monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:1234")
         monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
         monkeypatch.setenv("JAX_PROCESS_ID", "3")
-        assert shd.maybe_initialize_distributed(None, initialize=init)
+        assert distributed.maybe_initialize_distributed(None, initialize=init)
         assert calls[-1] == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
                              "process_id": 3}
         assert len(calls) == 2
@@ -435,7 +437,7 @@ if __name__ != "__main__":
                 "  %ag-done = f32[8] all-gather-done(%all-gather-start)\n"
                 "  %x = f32[4] all-reduce(f32[4] %y), to_apply=%add\n"
                 "  %z = f32[4] all-to-all(f32[4] %y), dimensions={0}\n")
-        c = shd.collective_counts(text)
+        c = distributed.collective_counts(text)
         assert c["all-gather"] == 1 and c["all-reduce"] == 1 and c["all-to-all"] == 1
 
     def test_model_parameters_carry_logical_axes():
