@@ -234,3 +234,35 @@ def test_bfloat16_compute_tracks_float32(cfg, model, images, eager):
     logits, aux = bf(images)
     assert logits.dtype == jnp.float32 and aux["last_hidden_state"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(logits), np.asarray(eager[0]), rtol=0.05, atol=0.05)
+
+
+def test_lookupvit_trains_exports_and_evaluates_through_the_trainer(tmp_path):
+    """configs/fashion_mnist_lookupvit.py's model through train.py's code path (tiny)."""
+    import pathlib
+
+    from jax_tokens import data as data_lib
+    from jax_tokens import train as trainer
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    data_dir = str(tmp_path / "data")
+    data_lib.prepare("fashion_mnist", data_dir, max_examples_per_split=128)
+    config = trainer.load_config(str(root / "configs" / "fashion_mnist_lookupvit.py"), {
+        "model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.num_lookup": 4,
+        "train.total_steps": 4, "train.batch_size": 32, "train.warmup_steps": 1,
+        "train.progress": False, "data.data_dir": data_dir, "data.num_threads": 1,
+        "eval.batch_size": 64, "checkpoint.every_steps": 2})
+    cfg = trainer.model_config(config)
+    assert isinstance(cfg, LookupViTConfig) and cfg.lookup_grid == (2, 2)
+    result = trainer.train(config, str(tmp_path / "run"), log=lambda s: None)
+    assert result["step"] == 4 and 0.0 <= result["top1"] <= 1.0
+    cfg2, graphdef, params, rest = trainer.load_export(str(tmp_path / "run" / "export"))
+    assert cfg2 == trainer.model_config(config, in_chans=1, num_classes=10)
+    loader = trainer.make_eval_loader(config, data_dir)
+    mesh, rules = trainer.make_mesh_and_rules(config)
+    acc = trainer.evaluate(jax.jit(trainer.make_eval_step(graphdef)), params, rest, loader,
+                           mesh, rules)
+    assert acc["top1"] == pytest.approx(result["top1"], abs=1e-6)
+    with pytest.raises(trainer.ConfigError, match="'lookupvit' compresses by its architecture"):
+        trainer.model_config(trainer.load_config(
+            str(root / "configs" / "fashion_mnist_lookupvit.py"),
+            {"model.reduction.method": "tome"}))
