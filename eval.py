@@ -14,10 +14,12 @@ estimate), and the tokens entering each block. `--sweep` evaluates several budge
 parameters in one run and prints a markdown table: `FIELD=v1,v2,...` varies a field of the
 model's reducer, `METHOD:FIELD=v1,...` switches to another registered reducer first (its other
 fields at their defaults). `--visualize N` writes a PNG per image showing which patches each
-output token gathers (merged groups, or kept/dropped patches, as the reducer draws itself). `--config` (with `--config.x=y`) overrides the run's config, e.g. the data dir
-or the eval reduction; the architecture must match the checkpoint's.
+output token gathers (merged groups, or kept/dropped patches, as the reducer draws itself).
+`--config` (with `--config.x=y`) overrides the run's config, e.g. the data dir or the eval
+reduction; the architecture must match the checkpoint's.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -197,8 +199,14 @@ def _load(mesh, rules):
     return config, cfg, graphdef, state.params, rest, out_dir
 
 
+def _has_reducer_slots(cfg) -> bool:
+    return any(f.name == "reduction" for f in dataclasses.fields(cfg))
+
+
 def _with_reduction(config, cfg):
     """The export's model config with the eval config's reduction (same architecture)."""
+    if not _has_reducer_slots(cfg):
+        return cfg
     return cfg.replace(reduction=trainer.reducer_from_config(config.model.reduction))
 
 
@@ -225,9 +233,11 @@ def _display_images(batch, spec, n: int, scale: int):
 
 
 def _visualize(entries, params, rest, batch, spec, cfg, n: int, out_dir: str, mesh, rules):
-    import dataclasses  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
+    if not _has_reducer_slots(cfg):
+        raise trainer.ConfigError("--visualize draws what a reducer did; this model "
+                                  f"({type(cfg).__name__}) has no reducer slots")
     try:
         from jax_tokens import visualize as vis  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -237,7 +247,7 @@ def _visualize(entries, params, rest, batch, spec, cfg, n: int, out_dir: str, me
     scale = max(1, 224 // cfg.img_size)
     photos = _display_images(batch, spec, n, scale)
     # The same parameters in a model that tracks which patches each token covers.
-    traced = dataclasses.replace(cfg, trace_source=True)
+    traced = cfg.replace(trace_source=True)
     graphdef, _, _, _ = trainer.init_model(traced, 0, mesh, rules, abstract=True)
     sources = {}
     for label, red in entries:

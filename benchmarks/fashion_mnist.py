@@ -1,10 +1,10 @@
-"""Fashion-MNIST: baseline ViT vs ToMe, EViT, TokenLearner and LookupViT, trained with the same recipe.
+"""Fashion-MNIST: the ViT vs ToMe, EViT, TokenLearner and LookupViT, trained with one recipe.
 
     python benchmarks/fashion_mnist.py --train --root /tmp/fm_bench     # train all five, then
     python benchmarks/fashion_mnist.py --root /tmp/fm_bench             # compare them again
 
-`--train` runs `train.py` once per config (configs/fashion_mnist_{vit,tome,evit,lookup,lookupvit}.py) into
-ROOT/<name> (a run that finished is skipped; an interrupted one resumes). The comparison then
+`--train` runs `train.py` once per config
+(configs/fashion_mnist_{vit,tome,evit,lookup,lookupvit}.py) into ROOT/<name> (a run that finished is skipped; an interrupted one resumes). The comparison then
 loads every run's export in ONE process and prints a markdown table: test top-1 / top-5 on the
 10,000 test images, eval images/s of the compiled forward pass on one batch (all models
 timed side by side in interleaved rounds, the median round reported, so a load spike on a shared

@@ -49,6 +49,7 @@ from flax import nnx  # noqa: E402
 
 from jax_tokens.models import onnx_import as oi  # noqa: E402
 from jax_tokens.reducers import Reducer  # noqa: E402
+from jax_tokens.reducers.evit import EViT  # noqa: E402
 from jax_tokens.reducers.identity import NoReduction  # noqa: E402
 from jax_tokens.reducers.tome import ToMe  # noqa: E402
 from jax_tokens.reducers.topk import TopK  # noqa: E402
@@ -72,20 +73,17 @@ def matched_keep_rate(cfg, target_flops: int, *, fuse: bool, layers=PRUNE_LAYERS
 def settings(cfg, rs):
     out = [("none", "-", NoReduction())]
     for r in rs:
-        tome = ToMe(clamp_r=True, r=r)
+        tome = ToMe(r=r, clamp_r=True)
         target = cfg.flops(tome)
         out.append(("ToMe", f"r={r}", tome))
         keep = matched_keep_rate(cfg, target, fuse=False)
         keep_f = matched_keep_rate(cfg, target, fuse=True)
         out.append(("top-k CLS attn", f"keep={keep}",
-                    TopK(keep_rate=keep, layers=PRUNE_LAYERS,
-                                    score="cls_attn")))
+                    TopK(keep_rate=keep, layers=PRUNE_LAYERS, score="cls_attn")))
         out.append(("EViT (CLS attn + fuse)", f"keep={keep_f}",
-                    TopK(keep_rate=keep_f, layers=PRUNE_LAYERS,
-                                    score="cls_attn", fuse=True)))
+                    EViT(keep_rate=keep_f, layers=PRUNE_LAYERS)))
         out.append(("random prune", f"keep={keep}",
-                    TopK(keep_rate=keep, layers=PRUNE_LAYERS,
-                                    score="random")))
+                    TopK(keep_rate=keep, layers=PRUNE_LAYERS, score="random")))
     return out
 
 

@@ -38,10 +38,10 @@ from flax import nnx  # noqa: E402
 from jax_tokens import distributed  # noqa: E402
 from jax_tokens import sharding as shd  # noqa: E402
 from jax_tokens.models.vit import ViTConfig, VisionTransformer  # noqa: E402
+from jax_tokens.reducers.evit import EViT  # noqa: E402
 from jax_tokens.reducers.identity import NoReduction  # noqa: E402
 from jax_tokens.reducers.token_learner import TokenLearner  # noqa: E402
 from jax_tokens.reducers.tome import ToMe  # noqa: E402
-from jax_tokens.reducers.topk import TopK  # noqa: E402
 
 PRESETS = {  # name -> (mesh sizes, preset)
     "dp": ({"data": 8, "fsdp": 1, "tensor": 1}, "dp"),
@@ -50,9 +50,8 @@ PRESETS = {  # name -> (mesh sizes, preset)
 }
 REDUCERS = {
     "none": NoReduction(),
-    "tome r=8": ToMe(clamp_r=True, r=8),
-    "evit 0.5@1+3 fused": TopK(keep_rate=0.5, layers=(1, 3),
-                                          fuse=True),
+    "tome r=8": ToMe(r=8, clamp_r=True),
+    "evit 0.5@1+3 fused": EViT(keep_rate=0.5, layers=(1, 3)),
     "lookup M=16@1": TokenLearner(layers=(1,), num_tokens=16),
 }
 

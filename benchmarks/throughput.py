@@ -26,24 +26,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_tokens.models import VisionTransformer, ViTConfig  # noqa: E402
+from jax_tokens.reducers.evit import EViT  # noqa: E402
 from jax_tokens.reducers.identity import NoReduction  # noqa: E402
 from jax_tokens.reducers.token_learner import TokenLearner  # noqa: E402
 from jax_tokens.reducers.tome import ToMe  # noqa: E402
-from jax_tokens.reducers.topk import TopK  # noqa: E402
 
-REDUCERS = {  # id -> (description, config)
+REDUCERS = {  # id -> (description, reducer)
     "none": ("none", NoReduction()),
-    "tome8": ("ToMe r=8", ToMe(clamp_r=True, r=8)),
-    "tome13": ("ToMe r=13", ToMe(clamp_r=True, r=13)),
-    "tome16": ("ToMe r=16", ToMe(clamp_r=True, r=16)),
-    "evit": ("EViT keep 0.7 @ blocks 3,6,9 (fused)",
-             TopK(keep_rate=0.7, layers=(3, 6, 9), fuse=True)),
-    "lookup": ("TokenLearner M=49 after block 3",
-               TokenLearner(layers=(3,), num_tokens=49)),
+    "tome8": ("ToMe r=8", ToMe(r=8, clamp_r=True)),
+    "tome13": ("ToMe r=13", ToMe(r=13, clamp_r=True)),
+    "tome16": ("ToMe r=16", ToMe(r=16, clamp_r=True)),
+    "evit": ("EViT keep 0.7 @ blocks 3,6,9 (fused)", EViT(keep_rate=0.7, layers=(3, 6, 9))),
+    "lookup": ("TokenLearner M=49 after block 3", TokenLearner(layers=(3,), num_tokens=49)),
 }
 
 

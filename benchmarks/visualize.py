@@ -29,7 +29,7 @@ from jax_tokens.models import onnx_import as oi  # noqa: E402
 from jax_tokens.models.vit import ViTConfig  # noqa: E402
 from jax_tokens.reducers import Reducer  # noqa: E402
 from jax_tokens.reducers.tome import ToMe  # noqa: E402
-from jax_tokens.reducers.topk import TopK  # noqa: E402
+from jax_tokens.reducers.evit import EViT  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet_samples"
 # Four of the 1000 photos, for variety: a fish, a dog, a car, a scene.
@@ -68,9 +68,8 @@ def main(argv=None):
     names = {e["file"]: e["name"] for e in labels_json}
     names = [names.get(f.name, f.stem).replace("_", " ") for f in chosen]
 
-    tome = ToMe(clamp_r=True, r=args.r)
-    evit = TopK(keep_rate=args.keep, layers=(3, 6, 9),
-                           score="cls_attn", fuse=True)
+    tome = ToMe(r=args.r, clamp_r=True)
+    evit = EViT(keep_rate=args.keep, layers=(3, 6, 9))
     src_tome = source_indices(model, images, tome)
     src_evit = source_indices(model, images, evit)
     n_tome = model.cfg.token_counts(tome)[-1]

@@ -16,8 +16,6 @@ ints, so everything works under `jit`, `vmap`, `grad` and `scan`.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -45,9 +45,10 @@ the selection (ToMe's matching, top-k pruning) in `jax.shard_map` over the batch
 XLA's partitioner would otherwise all-gather the batch for `lax.top_k` / `sort`. The tests
 check that the compiled HLO of a data-parallel step has no all-gather or all-to-all.
 
-Multi-host: call `jax_tokens.distributed.maybe_initialize_distributed(config)` first thing; every process then loads
-its own part of each global batch (the data module shards by `jax.process_index()`) and
-`put_batch` assembles the global array with `jax.make_array_from_process_local_data`.
+Multi-host: call `jax_tokens.distributed.maybe_initialize_distributed(config)` first thing;
+every process then loads its own part of each global batch (the data module shards by
+`jax.process_index()`) and `put_batch` assembles the global array with
+`jax.make_array_from_process_local_data`.
 """
 
 from __future__ import annotations

@@ -12,12 +12,10 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from grain.sharding import ShardOptions
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from jax_tokens import data

@@ -55,7 +55,8 @@ def test_cli_sweep_prints_table_and_visualizes(run, tmp_path):
     out_json = tmp_path / "sweep.json"
     vis_dir = tmp_path / "vis"
     proc = subprocess.run(
-        [sys.executable, "eval.py", "--workdir", workdir, "--sweep", "tome:r=0,2,4", "--rounds", "2",
+        [sys.executable, "eval.py", "--workdir", workdir, "--sweep", "tome:r=0,2,4",
+         "--rounds", "2",
          "--visualize", "2", "--visualize_dir", str(vis_dir), "--json", str(out_json)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

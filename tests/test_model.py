@@ -75,9 +75,8 @@ def test_evit_matches_reference(golden, variant):
     cfg = ViTConfig(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
                     depth=c["depth"], num_heads=c["num_heads"], num_classes=c["num_classes"],
                     attn_impl="xla",
-                    reduction=TopK(keep_rate=rate, layers=layers,
-                                              score="cls_attn", order="score",
-                                              fuse=meta["fuse_token"]))
+                    reduction=TopK(keep_rate=rate, layers=layers, score="cls_attn",
+                                   order="score", fuse=meta["fuse_token"]))
     # token counts per block equal EViT's left_tokens (+1 for the class token)
     assert [n - 1 for n in cfg.token_counts()[1:]] == meta["left_tokens"]
     model = convert.from_timm(_timm_state(d), cfg)
@@ -98,8 +97,7 @@ def test_reduced_vit_with_interpret_mode_kernels_matches_reference(golden, impl)
     d = golden("evit_fuse.npz")
     cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
                     num_classes=10, attn_impl=impl,
-                    reduction=TopK(keep_rate=0.7, layers=(1, 3, 5),
-                                              fuse=True))
+                    reduction=EViT(keep_rate=0.7, layers=(1, 3, 5)))
     logits, aux = jit_forward(convert.from_timm(_timm_state(d), cfg), _nhwc(d["images"]))
     np.testing.assert_allclose(logits, d["logits"], atol=1e-4, rtol=0)
     for i, plan in enumerate(aux["plans"]):
@@ -157,8 +155,7 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_c
     (dict(class_token=False, global_pool="avg", pos_embed="none"),
      ToMe(r=(3, 0.5)), [16, 15, 13, 10, 5]),
     (dict(), TokenLearner(layers=(1,), num_tokens=4), [17, 17, 5, 5, 5]),
-    (dict(), TopK(keep_rate=(0.5, 0.5), layers=(0, 2),
-                             score="key_mass"), [17, 9, 9, 5, 5]),
+    (dict(), TopK(keep_rate=(0.5, 0.5), layers=(0, 2), score="key_mass"), [17, 9, 9, 5, 5]),
 ])
 def test_variants_run_and_count_tokens(kw, red, tokens):
     cfg = ViTConfig(**TINY, **kw, trace_source=True, reduction=red)
@@ -188,8 +185,7 @@ def test_variants_run_and_count_tokens(kw, red, tokens):
 
 
 def test_random_pruning_needs_key_and_is_keyed():
-    cfg = ViTConfig(**TINY, reduction=TopK(keep_rate=0.5,
-                                                      layers=(1,), score="random"))
+    cfg = ViTConfig(**TINY, reduction=TopK(keep_rate=0.5, layers=(1,), score="random"))
     model = make_model(cfg)
     images = jnp.ones((1, 16, 16, 3))
     with pytest.raises(ValueError, match="draws random numbers: call the model with key="):
@@ -245,11 +241,10 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"keep_rate \(layer 1\)=1.5 .*\(0.0, 1.0\]"):
         ViTConfig(**TINY, reduction=TopK(keep_rate=1.5, layers=(1,)))
     with pytest.raises(ValueError, match="keep_rate has 1 entries but reduction.layers has 2"):
-        ViTConfig(**TINY, reduction=TopK(keep_rate=(0.5,),
-                                                    layers=(1, 2)))
-    with pytest.raises(ValueError, match=r"reduction.num_tokens=40 at block 1 must be fewer than the 16"):
-        ViTConfig(**TINY, reduction=TokenLearner(layers=(1,),
-                                                    num_tokens=40))
+        ViTConfig(**TINY, reduction=TopK(keep_rate=(0.5,), layers=(1, 2)))
+    with pytest.raises(ValueError, match=r"reduction.num_tokens=40 at block 1 must be fewer "
+                                         r"than the 16"):
+        ViTConfig(**TINY, reduction=TokenLearner(layers=(1,), num_tokens=40))
     with pytest.raises(ValueError, match="reduction.method='merge' is not one of"):
         ViTConfig(**TINY, reduction=dict(method="merge"))
     with pytest.raises(ValueError, match="reduction.keep_rate is not a field of reducer 'tome'"):

@@ -444,11 +444,8 @@ if __name__ != "__main__":
         from flax import nnx
         from jax_tokens.models.vit import ViTConfig, VisionTransformer
         from jax_tokens.reducers.token_learner import TokenLearner
-        from jax_tokens.reducers.tome import ToMe
-        from jax_tokens.reducers.topk import TopK
         cfg = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
-                        num_classes=10, reduction=TokenLearner(layers=(0,),
-                                                                  num_tokens=4))
+                        num_classes=10, reduction=TokenLearner(layers=(0,), num_tokens=4))
         model = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
         params = nnx.state(model, nnx.Param)
         missing = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(

@@ -7,7 +7,7 @@ from typing import Sequence
 import jax
 
 from jax_tokens.attention import xla
-from jax_tokens.attention.checks import STATS, check_inputs
+from jax_tokens.attention.checks import check_inputs
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 

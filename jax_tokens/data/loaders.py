@@ -9,10 +9,9 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import grain
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from grain.sharding import ShardByJaxProcess, ShardOptions

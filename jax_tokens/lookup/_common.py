@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_tokens import tokens as tok
 from jax_tokens.layers import linear_axes, norm_axes

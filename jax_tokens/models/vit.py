@@ -27,7 +27,7 @@ the residual stream is constrained to ("batch", "tokens", "embed"), Pallas atten
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
