@@ -9,7 +9,10 @@
 `--config` is a Python file with get_config() (optionally `file.py:arg`); `--config.a.b=value`
 overrides one key (unknown keys are an error listing the valid ones). Running again with the
 same --workdir resumes from its latest checkpoint, exactly; a checkpoint written with a
-different config is an error naming the differences. Outputs in the workdir: checkpoints/,
+different config is an error naming the differences. On SIGTERM / SIGINT (preemption) the step
+in progress finishes, a checkpoint is saved and train.py exits with status 75; rerun the same
+command to resume. A second train.py on the same workdir fails, naming the first (train.lock).
+Outputs in the workdir: checkpoints/,
 metrics.jsonl, tensorboard/, config.json, results.json and export/ (params + config,
 model.safetensors with timm names).
 """
@@ -44,13 +47,15 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     from jax_tokens import checkpoint, data, distributed  # pylint: disable=C0415
-    from jax_tokens.train import loop  # pylint: disable=import-outside-toplevel
+    from jax_tokens.train import guard, loop  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every save at INFO
     try:
         distributed.maybe_initialize_distributed(config)   # before anything touches a device
         result = loop.train(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
-    except (schema.ConfigError, checkpoint.CheckpointError,
+    except guard.Preempted:       # the checkpoint is saved and the loop said so
+        return guard.PREEMPTED_EXIT_CODE
+    except (schema.ConfigError, checkpoint.CheckpointError, guard.WorkdirInUseError,
             data.DatasetNotPreparedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

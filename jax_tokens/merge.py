@@ -169,8 +169,10 @@ def _normalise(metric: jax.Array) -> jax.Array:
     return metric / jnp.maximum(norm, 1e-12)
 
 
-def _check_metric(metric) -> None:
+def _check_metric(metric) -> jax.Array:
+    metric = tk.as_array("metric", metric)
     tk.check_tokens("metric", metric)
+    return metric
 
 
 def bipartite_soft_matching(metric: jax.Array, r: int, *, class_token: bool = False,
@@ -190,7 +192,7 @@ def bipartite_soft_matching(metric: jax.Array, r: int, *, class_token: bool = Fa
     Returns:
       A `MergePlan` with n_out = N - r'.
     """
-    _check_metric(metric)
+    metric = _check_metric(metric)
     r = tk.static_int("r", r, low=0)
     bsz, t = metric.shape[:2]
     protected = int(bool(class_token)) + int(bool(distill_token))
@@ -230,7 +232,7 @@ def kth_bipartite_soft_matching(metric: jax.Array, k: int) -> MergePlan:
     Tokens past the last multiple of k are dropped (as in the reference). Returns a plan with
     n_out = N // k. k <= 1 changes nothing.
     """
-    _check_metric(metric)
+    metric = _check_metric(metric)
     bsz, t = metric.shape[:2]
     k = tk.static_int("k", k, low=0, high=t)
     if k <= 1:
@@ -251,7 +253,7 @@ def random_bipartite_soft_matching(metric: jax.Array, r: int, *, key: jax.Array)
     The output holds the N - r B tokens in the random order of the split (as the reference).
     No token is protected. r must be in [0, N - 1].
     """
-    _check_metric(metric)
+    metric = _check_metric(metric)
     bsz, t = metric.shape[:2]
     r = tk.static_int("r", r, low=0, high=t - 1)
     if r <= 0:
@@ -271,10 +273,12 @@ def random_bipartite_soft_matching(metric: jax.Array, r: int, *, key: jax.Array)
 # Operations on plans
 # --------------------------------------------------------------------------------------------
 
-def _check_x(plan: MergePlan, x: jax.Array, name: str = "x") -> None:
+def _check_x(plan: MergePlan, x: jax.Array, name: str = "x") -> jax.Array:
+    x = tk.as_array(name, x)
     if getattr(x, "ndim", 0) < 2:
         raise ValueError(f"{name} must have shape [batch, tokens, ...]; got {getattr(x, 'shape', x)}")
     tk.check_tokens(name, x, rank=x.ndim, n=plan.n_in, batch=plan.batch)
+    return x
 
 
 def merge(plan: MergePlan, x: jax.Array, mode: str = "mean") -> jax.Array:
@@ -287,7 +291,7 @@ def merge(plan: MergePlan, x: jax.Array, mode: str = "mean") -> jax.Array:
     """
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not one of {_MODES}")
-    _check_x(plan, x)
+    x = _check_x(plan, x)
     a, b = plan.split_tokens(x)
     unm = tk.gather_tokens(a, plan.unm_idx)
     if plan.r == 0:
@@ -314,10 +318,10 @@ def merge_wavg(plan: MergePlan, x: jax.Array,
     `size` [B, N, 1] counts the patches each token stands for (ones when None); the merged
     sizes are their sums, so they always add up to the input's total.
     """
-    _check_x(plan, x)
+    x = _check_x(plan, x)
     if size is None:
         size = tk.init_size(x)
-    _check_x(plan, size, "size")
+    size = _check_x(plan, size, "size")
     size = size.astype(jnp.float32)
     # One merge for both: the size rides along as an extra channel.
     c = x.shape[-1]
@@ -351,6 +355,7 @@ def unmerge(plan: MergePlan, x: jax.Array, *, reference_layout: bool = False) ->
     as [unmerged..., destinations...]. `reference_layout=True` reads x that way too, which
     reproduces the reference exactly (the two agree whenever distill_token is False).
     """
+    x = tk.as_array("x", x)
     if getattr(x, "ndim", 0) < 2 or x.shape[1] != plan.n_out or x.shape[0] != plan.batch:
         raise ValueError(f"x must have shape [{plan.batch}, {plan.n_out}, ...] (the plan's "
                          f"output); got {getattr(x, 'shape', x)}")

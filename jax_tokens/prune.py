@@ -33,9 +33,11 @@ _ORDERS = ("score", "position")
 # --------------------------------------------------------------------------------------------
 
 def _check_stat(name, a, rank=3):
+    a = tk.as_array(name, a)
     if getattr(a, "ndim", None) != rank:
         raise ValueError(f"{name} must have rank {rank} [batch, heads, tokens]; got shape "
                          f"{getattr(a, 'shape', a)}")
+    return a
 
 
 def cls_attention(cls_probs: jax.Array, protected: int = 1) -> jax.Array:
@@ -44,20 +46,21 @@ def cls_attention(cls_probs: jax.Array, protected: int = 1) -> jax.Array:
     cls_probs: [B, H, N] the attention row of query 0 (`attention(..., stats=("cls_probs",))`).
     Returns [B, N - protected] (not renormalised after dropping the protected columns).
     """
-    _check_stat("cls_probs", cls_probs)
+    cls_probs = _check_stat("cls_probs", cls_probs)
     protected = tk.static_int("protected", protected, low=0, high=cls_probs.shape[-1] - 1)
     return cls_probs.astype(jnp.float32).mean(axis=1)[:, protected:]
 
 
 def key_mass(mass: jax.Array, protected: int = 1) -> jax.Array:
     """Attention received per key (summed over queries), averaged over heads: [B, N - p]."""
-    _check_stat("key_mass", mass)
+    mass = _check_stat("key_mass", mass)
     protected = tk.static_int("protected", protected, low=0, high=mass.shape[-1] - 1)
     return mass.astype(jnp.float32).mean(axis=1)[:, protected:]
 
 
 def l2_norm(x: jax.Array, protected: int = 1) -> jax.Array:
     """Token L2 norm of x [B, N, C]: [B, N - protected]."""
+    x = tk.as_array("x", x)
     tk.check_tokens("x", x)
     protected = tk.static_int("protected", protected, low=0, high=x.shape[1] - 1)
     return jnp.linalg.norm(x.astype(jnp.float32), axis=-1)[:, protected:]
@@ -158,6 +161,9 @@ def topk(scores: jax.Array, k: int, *, protected: int = 1, order: str = "score",
       fuse: also emit one token that is the sum of the dropped tokens weighted by
         `fuse_weights` (default: `scores`, i.e. EViT's CLS attention, not renormalised).
     """
+    scores = tk.as_array("scores", scores)
+    if fuse_weights is not None:
+        fuse_weights = tk.as_array("fuse_weights", fuse_weights)
     if getattr(scores, "ndim", None) != 2:
         raise ValueError(f"scores must have rank 2 [batch, prunable tokens]; got shape "
                          f"{getattr(scores, 'shape', scores)}")
@@ -186,9 +192,11 @@ def topk(scores: jax.Array, k: int, *, protected: int = 1, order: str = "score",
 # --------------------------------------------------------------------------------------------
 
 def _check_x(plan: PrunePlan, x, name="x"):
+    x = tk.as_array(name, x)
     if getattr(x, "ndim", 0) < 2:
         raise ValueError(f"{name} must have shape [batch, tokens, ...]; got {getattr(x, 'shape', x)}")
     tk.check_tokens(name, x, rank=x.ndim, n=plan.n_in, batch=plan.batch)
+    return x
 
 
 def _fused(plan: PrunePlan, x: jax.Array) -> jax.Array:
@@ -201,7 +209,7 @@ def _fused(plan: PrunePlan, x: jax.Array) -> jax.Array:
 
 def prune(plan: PrunePlan, x: jax.Array) -> jax.Array:
     """[B, N, ...] -> [B, protected + k (+1), ...]: a gather, plus the fused token."""
-    _check_x(plan, x)
+    x = _check_x(plan, x)
     kept = tk.gather_tokens(x, plan.keep_positions)
     if not plan.fuse:
         return kept
@@ -213,7 +221,7 @@ def prune_size(plan: PrunePlan, size: jax.Array | None) -> jax.Array | None:
     so sizes keep summing to N when fusing."""
     if size is None:
         return None
-    _check_x(plan, size, "size")
+    size = _check_x(plan, size, "size")
     kept = tk.gather_tokens(size, plan.keep_positions)
     if not plan.fuse:
         return kept
@@ -229,6 +237,7 @@ def unprune(plan: PrunePlan, y: jax.Array, fill="zeros") -> jax.Array:
     Dropped tokens get `fill`: "zeros", "fused" (the fused token's value; requires fusion), a
     scalar, or a [B, C] array.
     """
+    y = tk.as_array("y", y)
     if getattr(y, "ndim", 0) < 2 or y.shape[:2] != (plan.batch, plan.n_out):
         raise ValueError(f"y must have shape [{plan.batch}, {plan.n_out}, ...] (the plan's "
                          f"output); got {getattr(y, 'shape', y)}")

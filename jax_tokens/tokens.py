@@ -76,6 +76,21 @@ def static_float(name: str, value: Any, *, low: float, high: float | None,
     return value
 
 
+def as_array(name: str, x: Any) -> jax.Array:
+    """`x` as a jax array: NumPy arrays, scalars and nested lists of numbers are converted (as
+    `jax.numpy` converts them); anything else is a TypeError naming the argument."""
+    if isinstance(x, jax.Array) or is_traced(x):
+        return x
+    try:
+        a = jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array (a jax or NumPy array, or nested lists of "
+                        f"numbers); got {type(x).__name__}: {e}") from None
+    if not (jnp.issubdtype(a.dtype, jnp.number) or a.dtype == jnp.bool_):
+        raise TypeError(f"{name} must hold numbers; got dtype {a.dtype}")
+    return a
+
+
 def check_tokens(name: str, x: Any, *, rank: int = 3, n: int | None = None,
                  batch: int | None = None) -> None:
     """Checks a token array's rank, token count and batch size."""
@@ -128,7 +143,7 @@ class Plan(Protocol):
 
 def assignment_matrix(assignment: jax.Array, n_out: int, dtype=jnp.float32) -> jax.Array:
     """One-hot [B, M, N]: entry (m, n) is 1 when input token n goes to output slot m."""
-    return jax.nn.one_hot(assignment, n_out, dtype=dtype, axis=1)
+    return jax.nn.one_hot(as_array("assignment", assignment), n_out, dtype=dtype, axis=1)
 
 
 def reduce_by_assignment(x: jax.Array, assignment: jax.Array, n_out: int, mode: str = "sum",
@@ -139,6 +154,7 @@ def reduce_by_assignment(x: jax.Array, assignment: jax.Array, n_out: int, mode: 
     [B, N] when given), "amax" takes their elementwise max. Tokens with slot -1 are ignored.
     This is the oracle the specialised plan implementations are tested against.
     """
+    x = as_array("x", x)
     w = assignment_matrix(assignment, n_out, jnp.float32)  # [B, M, N]
     if mode == "amax":
         masked = jnp.where(w[..., None] > 0, x[:, None, :, :], -jnp.inf)
@@ -155,6 +171,7 @@ def reduce_by_assignment(x: jax.Array, assignment: jax.Array, n_out: int, mode: 
 
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x [B, N, ...] gathered along tokens by idx [B, K] -> [B, K, ...]."""
+    x, idx = as_array("x", x), as_array("idx", idx)
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
 
@@ -164,6 +181,7 @@ def invert_by_assignment(y: jax.Array, assignment: jax.Array, fill: Any = 0.0) -
 
     Input tokens that were dropped (slot -1) get `fill` (a scalar or a [B, C] array).
     """
+    y, assignment = as_array("y", y), as_array("assignment", assignment)
     safe = jnp.maximum(assignment, 0)
     out = gather_tokens(y, safe)
     dropped = (assignment < 0).reshape(assignment.shape + (1,) * (y.ndim - 2))
@@ -179,7 +197,7 @@ def invert_by_assignment(y: jax.Array, assignment: jax.Array, fill: Any = 0.0) -
 
 def init_size(x: jax.Array) -> jax.Array:
     """Every input token stands for one patch: ones [B, N, 1] in float32."""
-    return jnp.ones(x.shape[:2] + (1,), jnp.float32)
+    return jnp.ones(as_array("x", x).shape[:2] + (1,), jnp.float32)
 
 
 def init_source_index(batch: int, n: int) -> jax.Array:
@@ -192,6 +210,8 @@ def update_source_index(source_index: jax.Array, assignment: jax.Array) -> jax.A
 
     A patch whose token was dropped stays -1 from then on.
     """
+    source_index = as_array("source_index", source_index)
+    assignment = as_array("assignment", assignment)
     safe = jnp.maximum(source_index, 0)
     new = jnp.take_along_axis(assignment, safe, axis=1)
     return jnp.where(source_index < 0, -1, new).astype(jnp.int32)

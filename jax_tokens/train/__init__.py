@@ -6,6 +6,7 @@
 * `state`    optimizer, TrainState, the jitted train / forward / eval steps;
 * `measure`  accuracy over an eval split, XLA GFLOPs, side-by-side throughput;
 * `export`   exports for inference (parameters + model config);
+* `guard`    one run per workdir (a lock file) and a clean stop on SIGTERM / SIGINT;
 * `loop`     `train(config, workdir)`, the loop `train.py` runs.
 
 `from jax_tokens import train; train.load_config(...)` reaches every public name of the
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("schema", "budgets", "state", "measure", "export", "loop")
+_SUBMODULES = ("schema", "budgets", "state", "measure", "export", "guard", "loop")
 
 
 def __getattr__(name: str):

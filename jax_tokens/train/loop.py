@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Callable
@@ -22,6 +23,7 @@ from jax_tokens import sharding as shd
 from jax_tokens.metrics import MetricWriter
 from jax_tokens.train import export as export_lib
 from jax_tokens.train.budgets import budget_phases, model_config, phase_at
+from jax_tokens.train.guard import Preempted, StopSignals, WorkdirLock
 from jax_tokens.train.measure import evaluate
 from jax_tokens.train.schema import ConfigError, check_config, config_to_dict
 from jax_tokens.train.state import (TrainState, init_model, jit_eval_step, make_eval_step,
@@ -126,6 +128,15 @@ class _Progress:
             self.bar.close()
 
 
+def _stop_requested(stop: StopSignals) -> bool:
+    """Whether a stop signal arrived, agreed by every process (the save is collective)."""
+    flag = stop.signum is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+    return flag
+
+
 def _hms(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
@@ -142,8 +153,13 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
     """
     t_start = time.perf_counter()
     check_config(config)
-    cfg = model_config(config)                     # budgets checked before any data is read
+    model_config(config)                           # budgets checked before any data is read
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
+        return _train(config, workdir, log, t_start)
+
+
+def _train(config, workdir: str, log: Callable[[str], None], t_start: float) -> dict:
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          every=config.checkpoint.every_steps,
                                          keep=config.checkpoint.keep,
@@ -247,7 +263,9 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
         train_t0, trained_images, compile_s = None, 0, 0.0
         step = start_step
         finished = False
+        stop = StopSignals()     # SIGTERM / SIGINT: finish the step, save, raise Preempted
         try:
+            stop.__enter__()
             while step < total_steps:
                 phase = phase_at(phases, step)
                 if phase > 0 and phases[phase].start == step and step != start_step:
@@ -283,6 +301,15 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
                 if checkpointer.should_save(step) or step == total_steps:
                     checkpointer.save(step, current_state(), data_iterator=loader.iterator,
                                       config=config_json, force=step == total_steps)
+                if _stop_requested(stop):
+                    checkpointer.wait()          # a save of this very step may be in flight
+                    if checkpointer.latest_step() != step:
+                        checkpointer.save(step, current_state(), data_iterator=loader.iterator,
+                                          config=config_json, force=True)
+                        checkpointer.wait()
+                    writer.close()
+                    log(f"preempted at step {step}; rerun the same command to resume")
+                    raise Preempted(step, stop.signum or signal.SIGTERM)
                 if config.eval.every_steps and step % config.eval.every_steps == 0 \
                         and step != total_steps:
                     res = run_eval(step)
@@ -291,6 +318,7 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
             checkpointer.wait()
             finished = True
         finally:
+            stop.__exit__()
             progress.close()
             loader.close()
             checkpointer.close(quiet=not finished)   # never hide the error that stopped us

@@ -233,6 +233,41 @@ def check_config(config) -> None:
         if key not in config:
             raise ConfigError(f"config has no {key!r}; start configs from "
                               "jax_tokens.train.schema.default_config()")
+    _check_values(config)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_VALUE_CHECKS = (  # (key, test, what is allowed); a None value passes where the schema has None
+    ("seed", _is_int, "an int"),
+    ("train.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("train.grad_accum_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("train.total_steps", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
+    ("train.epochs", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+    ("train.lr", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+    ("train.log_every", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("eval.every_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: only at the end)"),
+    ("eval.max_examples", lambda v: v is None or (_is_int(v) and v >= 1),
+     "None or an int >= 1"),
+    ("checkpoint.every_steps", lambda v: _is_int(v) and v >= 0,
+     "an int >= 0 (0: only at the end)"),
+    ("checkpoint.keep", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("budget_warmup.levels", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+)
+
+
+def _check_values(config) -> None:
+    """ConfigError naming the key, the value and what is allowed, for the numbers every run
+    needs (the model's fields are checked by the model config, budgets by the reducer)."""
+    for key, ok, allowed in _VALUE_CHECKS:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if not ok(node):
+            raise ConfigError(f"config.{key}={node!r} is not allowed: it must be {allowed}")
 
 
 def _parse_value(text: str) -> Any:
