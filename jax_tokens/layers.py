@@ -9,7 +9,7 @@ from flax import nnx
 
 from jax_tokens.sharding import logical_axes
 
-__all__ = ["Mlp", "linear_axes", "norm_axes", "logical_axes"]
+__all__ = ["Mlp", "linear_axes", "norm_axes", "logical_axes", "patch_embedding", "PatchGrid"]
 
 
 def linear_axes(din: str | None, dout: str | None) -> dict:
@@ -42,3 +42,35 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
+
+
+def patch_embedding(in_chans: int, dim: int, patch_size: int, *, dtype=None,
+                    rngs: nnx.Rngs) -> nnx.Conv:
+    """The patch embedding: a patch_size x patch_size convolution with that stride (timm's
+    `patch_embed.proj`), kernel axes (None, None, "patch", "embed")."""
+    return nnx.Conv(in_chans, dim, (patch_size, patch_size), strides=(patch_size, patch_size),
+                    padding="VALID", dtype=dtype, rngs=rngs,
+                    kernel_metadata=logical_axes(None, None, "patch", "embed"),
+                    bias_metadata=logical_axes("embed"))
+
+
+class PatchGrid:
+    """Sizes a patch model's config derives from img_size, patch_size, embed_dim, num_heads
+    and mlp_ratio (mixed into ViTConfig and LookupViTConfig)."""
+
+    @property
+    def grid(self) -> int:
+        """Side of the square patch grid."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)

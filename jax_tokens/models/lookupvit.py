@@ -54,6 +54,7 @@ from flax import nnx
 
 from jax_tokens import reducers
 from jax_tokens import sharding as shd
+from jax_tokens.layers import PatchGrid, patch_embedding
 from jax_tokens.sharding import logical_axes as _axes
 from jax_tokens.attention.api import IMPLS as _ATTN_IMPLS
 from jax_tokens.lookup import LookupViTBlock, init_lookup_tokens, lookup_block_flops
@@ -85,7 +86,7 @@ def _positive_float(name: str, value: Any) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class LookupViTConfig:
+class LookupViTConfig(PatchGrid):
     """LookupViT hyper-parameters (timm / `ViTConfig` names where they exist).
 
     The lookup tokens are set by ``lookup_grid`` (mh, mw) or by ``num_lookup`` (a perfect square
@@ -169,24 +170,11 @@ class LookupViTConfig:
         object.__setattr__(self, "lookup_grid", grid)
         object.__setattr__(self, "num_lookup", grid[0] * grid[1])
 
-    # -- derived sizes ------------------------------------------------------------------------
-    @property
-    def grid(self) -> int:
-        """Side of the square patch grid."""
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
+    # -- derived sizes (grid, num_patches, head_dim, mlp_hidden: PatchGrid) -------------------
     @property
     def num_tokens(self) -> int:
         """N, the high-resolution (patch) tokens; LookupViT has no prefix tokens."""
         return self.num_patches
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
 
     @property
     def effective_hr_mlp_ratio(self) -> float:
@@ -194,10 +182,6 @@ class LookupViTConfig:
         if self.hr_mlp_ratio is None:
             return float(self.mlp_ratio) / HR_MLP_FACTOR
         return float(self.hr_mlp_ratio)
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
 
     @property
     def hr_mlp_hidden(self) -> int:
@@ -268,11 +252,8 @@ class LookupViT(nnx.Module):
             raise TypeError(f"cfg must be a LookupViTConfig; got {type(cfg).__name__}")
         self.cfg = cfg
         dim, dtype = cfg.embed_dim, jnp.dtype(cfg.dtype)
-        p = cfg.patch_size
-        self.patch_embed = nnx.Conv(cfg.in_chans, dim, (p, p), strides=(p, p), padding="VALID",
-                                    dtype=dtype, rngs=rngs,
-                                    kernel_metadata=_axes(None, None, "patch", "embed"),
-                                    bias_metadata=_axes("embed"))
+        self.patch_embed = patch_embedding(cfg.in_chans, dim, cfg.patch_size, dtype=dtype,
+                                           rngs=rngs)
         tn = nnx.initializers.truncated_normal(0.02)
         if cfg.pos_embed == "learn":
             self.pos_embed = nnx.Param(tn(rngs.params(), (1, cfg.num_tokens, dim)),

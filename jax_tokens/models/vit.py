@@ -38,7 +38,7 @@ from jax_tokens import reducers
 from jax_tokens import schedule as sched
 from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
-from jax_tokens.layers import Mlp
+from jax_tokens.layers import Mlp, PatchGrid, patch_embedding
 from jax_tokens.attention.sharded import attention as mesh_attention
 from jax_tokens.reducers import LayerSpec, Reducer, TokenLayout
 
@@ -50,7 +50,7 @@ _ACT = ("batch", "tokens", "embed")  # logical axes of the residual stream
 # --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(PatchGrid):
     """ViT / DeiT hyper-parameters (timm's names where they exist)."""
 
     img_size: int = 224
@@ -99,15 +99,7 @@ class ViTConfig:
         object.__setattr__(self, "reduction", reducers.from_config(self.reduction))
         self.schedule()  # validates budgets against token counts, naming the layer
 
-    # -- derived sizes ------------------------------------------------------------------------
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
+    # -- derived sizes (grid, num_patches, head_dim, mlp_hidden: PatchGrid) -------------------
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.distill_token) + self.num_registers
@@ -115,14 +107,6 @@ class ViTConfig:
     @property
     def num_tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
 
     def replace(self, **kw) -> "ViTConfig":
         return dataclasses.replace(self, **kw)
@@ -281,11 +265,8 @@ class VisionTransformer(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dim, dtype = cfg.embed_dim, jnp.dtype(cfg.dtype)
-        self.patch_embed = nnx.Conv(cfg.in_chans, dim, (cfg.patch_size, cfg.patch_size),
-                                    strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
-                                    dtype=dtype, rngs=rngs,
-                                    kernel_metadata=_axes(None, None, "patch", "embed"),
-                                    bias_metadata=_axes("embed"))
+        self.patch_embed = patch_embedding(cfg.in_chans, dim, cfg.patch_size, dtype=dtype,
+                                           rngs=rngs)
         tn = nnx.initializers.truncated_normal(0.02)
         key = rngs.params()
         tok_axes = _axes(None, None, "embed")

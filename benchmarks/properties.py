@@ -1,0 +1,43 @@
+"""The long profile of the reducer property tests: N hypothesis cases per registered reducer.
+
+    python benchmarks/properties.py --examples 200          # 200 cases x every reducer
+
+Runs tests/test_properties.py with the "long" hypothesis profile in one pytest process and
+prints, per reducer, the cases run, the time and the result (a failing case is printed in
+full by hypothesis, with the seed that reproduces it).
+"""
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=2000, help="cases per reducer")
+    parser.add_argument("-k", default="test_reducer_properties", help="pytest -k expression")
+    args = parser.parse_args(argv)
+    env = dict(os.environ, JAX_TOKENS_HYPOTHESIS="long",
+               JAX_TOKENS_HYPOTHESIS_EXAMPLES=str(args.examples), JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "--hypothesis-show-statistics",
+         "-k", args.k, str(ROOT / "tests" / "test_properties.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    print(out[-20000:])
+    counts = [int(n) for n in re.findall(r"(\d+) passing examples", out)]
+    print(f"\n{sum(counts)} passing cases in all ({', '.join(map(str, counts))} per test), "
+          f"{wall / 60:.1f} min, exit status {proc.returncode}")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Property tests (hypothesis) over every registered reducer: random batch, token count, width,
+budget (the smallest and largest legal ones included), protected tokens, dtype, token sizes,
+and inputs with duplicates and ties. Invariants:
+
+* shapes are the static ones the schedule promised;
+* sizes add up to the input tokens' sizes that were not dropped;
+* the output is the dense view applied to the input (`plan.matrix(size) @ x`), and
+  `plan.apply(x)` is `plan.matrix() @ x`;
+* `plan.invert(plan.apply(x))` gives every kept token (its slot's only member) back exactly;
+* no NaN or Inf; `jax.jit` equals eager; the gradient is finite.
+
+CI runs a fast profile (4 cases per reducer). `python benchmarks/properties.py --examples N`
+runs N cases per reducer (the "long" profile; its count and result are in BENCHMARKS.md);
+`JAX_TOKENS_HYPOTHESIS=long` (and `JAX_TOKENS_HYPOTHESIS_EXAMPLES`) selects it here too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from jax_tokens import reducers
+from jax_tokens.attention import attention
+
+settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", deadline=None,
+                          max_examples=int(os.environ.get("JAX_TOKENS_HYPOTHESIS_EXAMPLES", 2000)),
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("JAX_TOKENS_HYPOTHESIS", "ci"))
+
+
+@st.composite
+def layouts(draw, min_tokens=3):
+    """A one-block model: tokens, prefix tokens (class / distillation / registers), width."""
+    class_token = draw(st.booleans())
+    prefix = int(class_token) + draw(st.integers(0, 2))
+    n = draw(st.integers(max(min_tokens, prefix + 3), 40))
+    heads = draw(st.sampled_from([1, 2]))
+    dim = heads * draw(st.integers(1, 8))
+    return reducers.TokenLayout(depth=1, num_tokens=n, num_prefix_tokens=prefix,
+                                class_token=class_token,
+                                distill_token=class_token and prefix >= 2,
+                                embed_dim=dim, num_heads=heads)
+
+
+def _prunable(layout):
+    return layout.num_tokens - layout.num_prefix_tokens
+
+
+def _keep_rate(k: int, m: int) -> float:
+    """A rate whose ceil(rate * m) is exactly k."""
+    return (k - 0.5) / m
+
+
+# method -> strategy of reducers for a layout. A registered reducer without an entry fails
+# test_every_registered_reducer_has_a_strategy: new methods add theirs here.
+STRATEGIES = {
+    "none": lambda lay: st.just(reducers.get("none")()),
+    "tome": lambda lay: st.builds(
+        reducers.get("tome"),
+        r=st.integers(0, (lay.num_tokens - int(lay.class_token) - int(lay.distill_token)) // 2),
+        prop_attn=st.booleans()),
+    "topk": lambda lay: st.builds(
+        lambda k, **kw: reducers.get("topk")(keep_rate=_keep_rate(k, _prunable(lay)),
+                                             layers=(0,), **kw),
+        k=st.integers(1, _prunable(lay)),
+        score=st.sampled_from(["cls_attn", "key_mass", "l2_norm", "random"]),
+        order=st.sampled_from(["score", "position"]), fuse=st.booleans()),
+    "evit": lambda lay: st.builds(
+        lambda k, fuse: reducers.get("evit")(keep_rate=_keep_rate(k, _prunable(lay)),
+                                             layers=(0,), fuse=fuse),
+        k=st.integers(1, _prunable(lay)), fuse=st.booleans()),
+    "token_learner": lambda lay: st.builds(
+        lambda m: reducers.get("token_learner")(layers=(0,), num_tokens=m),
+        m=st.integers(1, _prunable(lay) - 1)),
+}
+
+
+def test_every_registered_reducer_has_a_strategy():
+    assert set(STRATEGIES) == set(reducers.names())
+
+
+@st.composite
+def cases(draw, method):
+    layout = draw(layouts())
+    red = draw(STRATEGIES[method](layout))
+    spec = red.schedule(layout)[0]
+    b = draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
+    seed = draw(st.integers(0, 2 ** 16))
+    ties = draw(st.sampled_from(["none", "duplicate_tokens", "constant"]))
+    integer_sizes = draw(st.booleans())
+    return layout, red, spec, b, dtype, seed, ties, integer_sizes
+
+
+def _inputs(layout, b, dtype, seed, ties, integer_sizes):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    n, c = layout.num_tokens, layout.embed_dim
+    x = jax.random.normal(k1, (b, n, c), jnp.float32)
+    if ties == "duplicate_tokens":       # every token repeated: equal similarities and scores
+        x = jnp.repeat(x[:, : (n + 1) // 2], 2, axis=1)[:, :n]
+    elif ties == "constant":             # all tokens equal
+        x = jnp.broadcast_to(x[:, :1], x.shape)
+    size = (jax.random.randint(k2, (b, n, 1), 1, 5).astype(jnp.float32) if integer_sizes
+            else jnp.ones((b, n, 1), jnp.float32))
+    qk = jax.random.normal(k3, (b, n, layout.num_heads, layout.head_dim)).astype(dtype)
+    return x.astype(dtype), size, qk
+
+
+def _stats(layout, red, spec, x, qk):
+    """The attention statistics the reducer asks for (the XLA oracle, compiled once)."""
+    v = x.reshape(x.shape[:2] + (layout.num_heads, -1))
+    names = red.stats(layout, spec)
+    return jax.jit(lambda q, v: attention(q, q, v, stats=names, impl="xla")[1])(qk, v)
+
+
+def _check(method, case):
+    layout, red, spec, b, dtype, seed, ties, integer_sizes = case
+    x, size, qk = _inputs(layout, b, dtype, seed, ties, integer_sizes)
+    key = jax.random.key(seed + 1)
+    module = red.make_module(layout, spec, rngs=nnx.Rngs(seed)) if red.learned else None
+    if not spec.active:
+        assert spec.n_out == spec.n_in == layout.num_tokens
+        return
+    stats = _stats(layout, red, spec, x, qk)
+
+    def reduce(x_, s_, st_):
+        return red.reduce(layout, spec, x_, s_, st_, key=key, module=module)
+
+    y, new_size, plan = reduce(x, size, stats)                    # eager
+    c = layout.embed_dim
+    # Static shapes as promised.
+    assert y.shape == (b, spec.n_out, c) and y.dtype == x.dtype
+    assert new_size.shape == (b, spec.n_out, 1)
+    assert (plan.n_in, plan.n_out) == (spec.n_in, spec.n_out)
+    a = np.asarray(plan.assignment)
+    assert a.shape == (b, spec.n_in) and a.min() >= -1 and a.max() < spec.n_out
+    # Finite everywhere.
+    assert bool(jnp.isfinite(y.astype(jnp.float32)).all())
+    assert bool(jnp.isfinite(new_size).all())
+    # Sizes add up to the sizes of the tokens that were not dropped.
+    kept_size = np.where(a[..., None] >= 0, np.asarray(size), 0.0).sum((1, 2))
+    np.testing.assert_allclose(np.asarray(new_size).sum((1, 2)), kept_size, rtol=1e-5)
+    # The output is the dense view applied to the input.
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=5e-2, rtol=5e-2)
+    xf = np.asarray(x.astype(jnp.float32))
+    w = np.asarray(plan.matrix(size if red.proportional_attention or method == "tome" else None))
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)),
+                               np.einsum("bmn,bnc->bmc", w, xf), **tol)
+    applied = np.asarray(plan.apply(jnp.asarray(xf)))
+    np.testing.assert_allclose(applied, np.einsum("bmn,bnc->bmc", np.asarray(plan.matrix()), xf),
+                               atol=2e-5, rtol=1e-5)
+    # Inverting gives every kept token (alone in its slot, weight 1) back exactly.
+    back = np.asarray(plan.invert(jnp.asarray(applied)))
+    w1 = np.asarray(plan.matrix())
+    own = np.take_along_axis(w1, np.maximum(a, 0)[:, None, :], axis=1)[:, 0]   # W[b, a[n], n]
+    kept = (a >= 0) & (own == 1.0)
+    np.testing.assert_array_equal(back[kept], xf[kept])
+    # jit == eager.
+    yj, sj, _ = jax.jit(reduce)(x, size, stats)
+    np.testing.assert_allclose(np.asarray(yj.astype(jnp.float32)),
+                               np.asarray(y.astype(jnp.float32)), **tol)
+    np.testing.assert_allclose(np.asarray(sj), np.asarray(new_size), rtol=1e-6)
+    # A finite gradient.
+    g = jax.jit(jax.grad(lambda x_: jnp.sum(reduce(x_, size, stats)[0].astype(jnp.float32)
+                                            ** 2)))(x.astype(jnp.float32))
+    assert bool(jnp.isfinite(g).all())
+
+
+@pytest.mark.parametrize("method", sorted(STRATEGIES))
+def test_reducer_properties(method):
+    given(case=cases(method))(lambda case: _check(method, case))()
+
+
+@pytest.mark.parametrize("method", ["tome", "topk", "evit", "token_learner"])
+def test_smallest_and_largest_budgets(method):
+    """The extreme legal budgets, explicitly (hypothesis may or may not draw them)."""
+    layout = reducers.TokenLayout(depth=1, num_tokens=11, num_prefix_tokens=1,
+                                  class_token=True, embed_dim=4, num_heads=1)
+    m = _prunable(layout)
+    budgets = {"tome": [dict(r=0), dict(r=5)],
+               "topk": [dict(keep_rate=_keep_rate(1, m), layers=(0,)),
+                        dict(keep_rate=_keep_rate(m - 1, m), layers=(0,), fuse=True)],
+               "evit": [dict(keep_rate=_keep_rate(1, m), layers=(0,)),
+                        dict(keep_rate=1.0, layers=(0,))],
+               "token_learner": [dict(layers=(0,), num_tokens=1),
+                                 dict(layers=(0,), num_tokens=m - 1)]}[method]
+    for kw in budgets:
+        red = reducers.get(method)(**kw)
+        spec = red.schedule(layout)[0]
+        _check(method, (layout, red, spec, 2, jnp.float32, 0, "duplicate_tokens", True))
