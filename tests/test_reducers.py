@@ -231,3 +231,18 @@ def test_registry_errors_name_the_problem():
         reducers.get("tome")(r=-1)
     with pytest.raises(ValueError, match=r"reduction.score='foo' is not one of"):
         reducers.get("topk")(keep_rate=0.5, layers=(1,), score="foo")
+
+
+def test_a_tokenlearner_checkpoint_from_before_the_registry_names_the_move(tmp_path):
+    from jax_tokens import checkpoint as ckpt_lib
+    ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", every=1, async_save=False)
+    old = {"params": {"lookup": {"norm": {"scale": jnp.ones((4,))}}, "head": jnp.zeros((2,))}}
+    ckpt.save(1, old, force=True)
+    ckpt.wait()
+    new = {"params": {"blocks": {"0": {"reducer": {"norm": {"scale": jax.ShapeDtypeStruct(
+        (4,), jnp.float32)}}}}, "head": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"predates the reducer registry: its TokenLearner parameters are "
+                             r"under 'lookup'"):
+        ckpt.restore(1, new)
+    ckpt.close()
