@@ -262,7 +262,8 @@ def test_config_errors_name_the_problem():
 
 def test_every_registered_reducer_has_a_flops_case():
     cases = test_flops_estimate_matches_xla_for_vit_b16.pytestmark[0].args[1]
-    assert {type(r).method for r in cases} == set(reducers.names())
+    library = {n for n in reducers.names() if reducers.get(n).__module__.startswith("jax_tokens.")}
+    assert {type(r).method for r in cases} == library
 
 
 def test_sincos_table_is_big_visions():

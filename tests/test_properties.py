@@ -84,7 +84,9 @@ STRATEGIES = {
 
 
 def test_every_registered_reducer_has_a_strategy():
-    assert set(STRATEGIES) == set(reducers.names())
+    """Every reducer the library registers (test files may register their own)."""
+    library = {n for n in reducers.names() if reducers.get(n).__module__.startswith("jax_tokens.")}
+    assert set(STRATEGIES) == library
 
 
 @st.composite
