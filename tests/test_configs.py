@@ -76,14 +76,21 @@ def test_unknown_key_in_a_config_file(tmp_path):
         trainer.load_config(str(path))
 
 
-def test_check_override_flags():
-    trainer.check_override_flags(["--config", _cfg("fashion_mnist_vit.py"),
-                                  "--config.train.lr=0.1", "--workdir", "x"], None)
+def test_override_flags_are_parsed_and_checked():
+    rest, overrides = trainer.split_override_flags(
+        ["--config", "c.py", "--config.train.lr=0.1", "--config.model.reduction.layers=(1, 2)",
+         "--config.data.data_dir=/tmp/d", "--noconfig.train.progress",
+         "--config.model.reduction.method", "tome", "--config.train.augment=true",
+         "--workdir", "x"])
+    assert rest == ["--config", "c.py", "--workdir", "x"]
+    assert overrides == {"train.lr": 0.1, "model.reduction.layers": (1, 2),
+                         "data.data_dir": "/tmp/d", "train.progress": False,
+                         "model.reduction.method": "tome", "train.augment": True}
+    trainer.load_config(_cfg("fashion_mnist_vit.py"), {"train.lr": 0.1})
     with pytest.raises(trainer.ConfigError, match="valid keys there"):
-        trainer.check_override_flags([f"--config={_cfg('fashion_mnist_vit.py')}",
-                                      "--config.model.depthh=3"], None)
-    with pytest.raises(trainer.ConfigError, match="pass --config"):
-        trainer.check_override_flags(["--config.model.depth=3"], None)
+        trainer.load_config(_cfg("fashion_mnist_vit.py"), {"model.depthh": 3})
+    with pytest.raises(trainer.ConfigError, match=r"config.train.lr='fast' has the wrong type"):
+        trainer.load_config(_cfg("fashion_mnist_vit.py"), {"train.lr": "fast"})
 
 
 @pytest.mark.parametrize("overrides,pattern", [

@@ -27,7 +27,7 @@ from ml_collections import config_dict
 
 __all__ = [
     "ConfigError", "default_config", "reduction", "load_config", "check_config",
-    "split_override_flags", "check_override_flags", "config_to_dict", "config_diff",
+    "split_override_flags", "config_to_dict", "config_diff",
     "upgrade_config_dict", "RUNTIME_KEYS",
 ]
 
@@ -306,26 +306,6 @@ def split_override_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]
             rest.append(a)
         i += 1
     return rest, overrides
-
-
-def check_override_flags(argv: Sequence[str], default_config_path: str | None
-                         ) -> ml_collections.ConfigDict | None:
-    """Loads the config a command line names (`--config FILE`, else the default) with its
-    `--config.a.b=value` overrides; ConfigError for an unknown key or a bad value. None when
-    neither a config nor an override is given."""
-    rest, overrides = split_override_flags(argv)
-    path = default_config_path
-    for i, a in enumerate(rest):
-        if a == "--config" and i + 1 < len(rest):
-            path = rest[i + 1]
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-    if path is None:
-        if overrides:
-            raise ConfigError(f"--config.{next(iter(overrides))} overrides a config: pass "
-                              "--config FILE too")
-        return None
-    return load_config(path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
