@@ -125,6 +125,9 @@ def _stats(layout, red, spec, x, qk):
 
 def _check(method, case):
     layout, red, spec, b, dtype, seed, ties, integer_sizes = case
+    if os.environ.get("JAX_TOKENS_PROPERTY_LOG"):       # benchmarks/properties.py counts cases
+        with open(os.environ["JAX_TOKENS_PROPERTY_LOG"], "a") as f:
+            f.write(f"{method}\n")
     x, size, qk = _inputs(layout, b, dtype, seed, ties, integer_sizes)
     key = jax.random.key(seed + 1)
     module = red.make_module(layout, spec, rngs=nnx.Rngs(seed)) if red.learned else None
