@@ -235,9 +235,6 @@ def _display_images(batch, spec, n: int, scale: int):
 def _visualize(entries, params, rest, batch, spec, cfg, n: int, out_dir: str, mesh, rules):
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
-    if not _has_reducer_slots(cfg):
-        raise trainer.ConfigError("--visualize draws what a reducer did; this model "
-                                  f"({type(cfg).__name__}) has no reducer slots")
     try:
         from jax_tokens import visualize as vis  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -295,6 +292,9 @@ def _run() -> int:
     mesh, rules = trainer.make_mesh_and_rules(_user_config())
     with shd.use_mesh(mesh, rules):
         config, cfg, graphdef, params, rest, out_dir = _load(mesh, rules)
+        if _VISUALIZE.value and not _has_reducer_slots(cfg):
+            raise trainer.ConfigError("--visualize draws what a reducer did; this model "
+                                      f"({type(cfg).__name__}) has no reducer slots")
         entries = (_parse_sweep(_SWEEP.value, cfg) if _SWEEP.value
                    else [(cfg.reduction.label(), cfg.reduction)])
         data_dir = trainer.ensure_dataset(config)

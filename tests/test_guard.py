@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jax_tokens import data as data_lib
-from jax_tokens import merge, prune
+from jax_tokens import merge, prune, reducers
 from jax_tokens import tokens as tk
 from jax_tokens import train as trainer
+from jax_tokens.attention import attention
 from jax_tokens.checkpoint import CheckpointError
 from jax_tokens.models import convert
 from jax_tokens.train import guard
@@ -164,7 +166,7 @@ def test_bad_values_are_one_error_line(key, value, tmp_path):
                                   "int >= 1"), out.stderr
 
 
-def test_primitives_accept_numpy_and_lists():
+def test_public_functions_accept_numpy_and_lists():
     rng = np.random.default_rng(0)
     metric = rng.normal(size=(2, 9, 4)).astype(np.float32)
     x = rng.normal(size=(2, 9, 3)).astype(np.float32)
@@ -194,6 +196,29 @@ def test_primitives_accept_numpy_and_lists():
     assert tk.gather_tokens(x, a[:, :2]).shape == (2, 2, 3)
     assert tk.invert_by_assignment(np.asarray(y), a).shape == (2, 9, 3)
     assert tk.update_source_index(np.arange(9)[None].repeat(2, 0), a).shape == (2, 9)
+    # attention and every registered reducer's reduce take NumPy input too.
+    q = rng.normal(size=(2, 9, 2, 4)).astype(np.float32)
+    out, st = attention(q.tolist(), q, q, key_size=np.ones((2, 9), np.float32),
+                        stats=("lse", "cls_probs", "key_mass", "mean_key"), impl="xla")
+    ref, st_ref = attention(jnp.asarray(q), jnp.asarray(q), jnp.asarray(q),
+                            key_size=jnp.ones((2, 9)), stats=("lse", "cls_probs"), impl="xla")
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_allclose(st["cls_probs"], st_ref["cls_probs"], rtol=1e-6)
+    layout = reducers.TokenLayout(depth=1, num_tokens=9, num_prefix_tokens=1, class_token=True,
+                                  embed_dim=8, num_heads=2)
+    xs = rng.normal(size=(2, 9, 8)).astype(np.float32)
+    stats = {k: np.asarray(v) for k, v in st.items()}
+    for name, kw in [("tome", dict(r=3)), ("evit", dict(keep_rate=0.5, layers=(0,))),
+                     ("topk", dict(keep_rate=0.5, layers=(0,), score="key_mass", fuse=True)),
+                     ("token_learner", dict(layers=(0,), num_tokens=3))]:
+        red = reducers.get(name)(**kw)
+        spec = red.schedule(layout)[0]
+        module = red.make_module(layout, spec, rngs=nnx.Rngs(0)) if red.learned else None
+        y_np = red.reduce(layout, spec, xs, np.ones((2, 9, 1), np.float32), stats,
+                          module=module)[0]
+        y_jnp = red.reduce(layout, spec, jnp.asarray(xs), jnp.ones((2, 9, 1)),
+                           {k: jnp.asarray(v) for k, v in stats.items()}, module=module)[0]
+        np.testing.assert_allclose(y_np, y_jnp, rtol=1e-6, err_msg=name)
     with pytest.raises(TypeError, match="x must be an array"):
         merge.merge(plan, {"not": "an array"})
     with pytest.raises(TypeError, match="scores must be an array"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from jax_tokens.attention import xla
 from jax_tokens.attention.checks import check_inputs
@@ -54,6 +55,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
     stats = tuple(stats)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    # NumPy arrays and nested lists are accepted, as jax.numpy accepts them.
+    q, k, v, bias, key_size = (a if a is None or isinstance(a, jax.Array) else jnp.asarray(a)
+                               for a in (q, k, v, bias, key_size))
     check_inputs(q, k, v, bias, key_size, stats)
     impl = resolve_impl(impl)
     kwargs = dict(bias=bias, key_size=key_size, causal=causal, stats=stats,
