@@ -294,12 +294,8 @@ def make_train_loader(name, data_dir, batch_size: int, seed: int = 0, *,
     _check_common(image_size, seed, num_epochs)
     shard_options, local_bs = _check_batching(batch_size, shard_options, "train")
     num_threads, prefetch, worker_count = _check_threads(num_threads, prefetch, worker_count)
-    key, spec, builder, data_dir = _open(name, data_dir)
-    out_shape = _output_shape(spec, builder.info, image_size)
-    spec = _with_overrides(spec, mean, std, out_shape[-1])
-    split = spec.train_split if split is None else split
-    _check_split(key, split, builder.info)
-    source = _source(key, spec, builder, data_dir, split)
+    key, spec, builder, out_shape, split, source = _open_split(
+        name, data_dir, image_size, mean, std, split, train=True)
     start, end = _even_split(len(source), shard_options, drop_remainder=True)
     if end - start == 0:
         raise ValueError(f"split={split!r} of {key!r} has {len(source)} examples, too few for "
@@ -320,6 +316,18 @@ def make_train_loader(name, data_dir, batch_size: int, seed: int = 0, *,
         num_batches=None if total is None else total // local_bs, image_shape=out_shape,
         num_classes=_num_classes(builder.info, spec.label_key), shard_options=shard_options,
         spec=spec)
+
+
+def _open_split(name, data_dir, image_size, mean, std, split, *, train: bool):
+    """(key, spec, builder, output shape, split, source) of one split of a prepared dataset;
+    split None means the dataset's train or eval split."""
+    key, spec, builder, data_dir = _open(name, data_dir)
+    out_shape = _output_shape(spec, builder.info, image_size)
+    spec = _with_overrides(spec, mean, std, out_shape[-1])
+    if split is None:
+        split = spec.train_split if train else spec.eval_split
+    _check_split(key, split, builder.info)
+    return key, spec, builder, out_shape, split, _source(key, spec, builder, data_dir, split)
 
 
 def _even_split(n: int, options: ShardOptions, drop_remainder: bool) -> tuple[int, int]:
@@ -352,12 +360,8 @@ def make_eval_loader(name, data_dir, batch_size: int, split: str | None = None, 
     _check_common(image_size)
     shard_options, local_bs = _check_batching(batch_size, shard_options, "eval")
     num_threads, prefetch, worker_count = _check_threads(num_threads, prefetch, worker_count)
-    key, spec, builder, data_dir = _open(name, data_dir)
-    out_shape = _output_shape(spec, builder.info, image_size)
-    spec = _with_overrides(spec, mean, std, out_shape[-1])
-    split = spec.eval_split if split is None else split
-    _check_split(key, split, builder.info)
-    source = _source(key, spec, builder, data_dir, split)
+    key, spec, builder, out_shape, split, source = _open_split(
+        name, data_dir, image_size, mean, std, split, train=False)
     n = len(source)
     start, end = _even_split(n, shard_options, False)
     num_batches = math.ceil(math.ceil(n / shard_options.shard_count) / local_bs)

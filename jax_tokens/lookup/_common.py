@@ -8,14 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jax_tokens import tokens as tok
-from jax_tokens.layers import linear_axes, norm_axes
 
 F32 = jnp.float32
 LN_EPS = 1e-6
-
-
-_ln_axes = norm_axes
-_lin_axes = linear_axes
 
 
 def _static_float(name: str, value: Any) -> float:

@@ -9,10 +9,9 @@ from flax import nnx
 
 from jax_tokens import tokens as tok
 from jax_tokens.attention import attention
-from jax_tokens.lookup._common import (F32, LN_EPS, _check_channels, _hidden, _lin_axes,
-                                       _ln_axes, _static_float)
+from jax_tokens.lookup._common import F32, LN_EPS, _check_channels, _hidden, _static_float
 from jax_tokens.lookup.plan import LookupPlan
-from jax_tokens.layers import Mlp
+from jax_tokens.layers import Mlp, linear_axes, norm_axes
 
 
 def bidirectional_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
@@ -127,21 +126,21 @@ class LookupViTBlock(nnx.Module):
         self.attn_impl = attn_impl
 
         ln = dict(epsilon=_static_float("ln_eps", ln_eps), dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs, **_ln_axes())
+                  param_dtype=param_dtype, rngs=rngs, **norm_axes())
         lin = dict(kernel_init=nnx.initializers.xavier_uniform(),
                    bias_init=nnx.initializers.zeros_init(), dtype=dtype,
                    param_dtype=param_dtype, rngs=rngs)
         # 1. gather (lookup <- hr)
         self.norm_cross_q = nnx.LayerNorm(dim, **ln)
         self.norm_cross_kv = nnx.LayerNorm(dim, **ln)
-        self.cross_q = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin, **_lin_axes("embed", "qkv"))
+        self.cross_q = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin, **linear_axes("embed", "qkv"))
         self.cross_kv = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **lin,
-                                   **_lin_axes("embed", "qkv"))
-        self.cross_proj = nnx.Linear(dim, dim, **lin, **_lin_axes("heads", "embed"))
+                                   **linear_axes("embed", "qkv"))
+        self.cross_proj = nnx.Linear(dim, dim, **lin, **linear_axes("heads", "embed"))
         # 2. refine (lookup tokens only)
         self.norm1 = nnx.LayerNorm(dim, **ln)
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **lin, **_lin_axes("embed", "qkv"))
-        self.proj = nnx.Linear(dim, dim, **lin, **_lin_axes("heads", "embed"))
+        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **lin, **linear_axes("embed", "qkv"))
+        self.proj = nnx.Linear(dim, dim, **lin, **linear_axes("heads", "embed"))
         self.norm2 = nnx.LayerNorm(dim, **ln)
         self.mlp = Mlp(dim, self.mlp_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # 3. infuse (hr <- lookup), reusing the logits of step 1
@@ -150,8 +149,8 @@ class LookupViTBlock(nnx.Module):
             self.hr_mlp = None
             return
         self.norm_back_v = nnx.LayerNorm(dim, **ln)
-        self.back_v = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin, **_lin_axes("embed", "qkv"))
-        self.back_proj = nnx.Linear(dim, dim, **lin, **_lin_axes("heads", "embed"))
+        self.back_v = nnx.Linear(dim, dim, use_bias=qkv_bias, **lin, **linear_axes("embed", "qkv"))
+        self.back_proj = nnx.Linear(dim, dim, **lin, **linear_axes("heads", "embed"))
         self.norm_hr = nnx.LayerNorm(dim, **ln)
         self.hr_mlp = Mlp(dim, self.hr_mlp_hidden, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)

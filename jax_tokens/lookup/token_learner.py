@@ -6,8 +6,8 @@ import jax
 from flax import nnx
 
 from jax_tokens import tokens as tok
-from jax_tokens.layers import Mlp
-from jax_tokens.lookup._common import F32, LN_EPS, _check_channels, _ln_axes
+from jax_tokens.layers import Mlp, norm_axes
+from jax_tokens.lookup._common import F32, LN_EPS, _check_channels
 from jax_tokens.lookup.plan import LookupPlan, compress
 
 
@@ -39,7 +39,7 @@ class TokenLearner(nnx.Module):
         self.num_tokens = tok.static_int("num_tokens", num_tokens, low=1)
         hidden_dim = tok.static_int("hidden_dim", hidden_dim, low=1)
         self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs, **_ln_axes())
+                                  rngs=rngs, **norm_axes())
         self.score_mlp = Mlp(dim, hidden_dim, num_tokens, approximate_gelu=True,
                              bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
                              param_dtype=param_dtype, out_axis=None, rngs=rngs)

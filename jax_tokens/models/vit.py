@@ -38,7 +38,7 @@ from jax_tokens import reducers
 from jax_tokens import schedule as sched
 from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
-from jax_tokens.layers import Mlp, PatchGrid, patch_embedding
+from jax_tokens.layers import Mlp, PatchGrid, linear_axes, norm_axes, patch_embedding
 from jax_tokens.attention.sharded import attention as mesh_attention
 from jax_tokens.reducers import LayerSpec, Reducer, TokenLayout
 
@@ -179,8 +179,7 @@ _TRUNC_NORMAL = nnx.initializers.truncated_normal(0.02)
 
 def _dense(rngs, din, dout, use_bias=True, dtype=None, axes=None):
     """nnx.Linear; `axes` = logical names of the kernel's (input, output) dimensions."""
-    meta = {} if axes is None else dict(kernel_metadata=_axes(*axes),
-                                        bias_metadata=_axes(axes[1]))
+    meta = {} if axes is None else linear_axes(*axes)
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
                       kernel_init=nnx.initializers.truncated_normal(0.02),
                       bias_init=nnx.initializers.zeros, **meta)
@@ -188,7 +187,7 @@ def _dense(rngs, din, dout, use_bias=True, dtype=None, axes=None):
 
 def _norm(rngs, dim, eps, dtype=None):
     return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs,
-                         scale_metadata=_axes("norm"), bias_metadata=_axes("norm"))
+                         **norm_axes())
 
 
 class LayerScale(nnx.Module):
