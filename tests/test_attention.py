@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax_tokens.attention import api, attention, attention_xla
 from jax_tokens.attention.pallas import attention_pallas
 
-ALL_STATS = ("lse", "cls_probs", "key_mass", "mean_key")
+ALL_STATS = ("lse", "cls_probs", "key_mass", "mean_key", "probs")
 TOL = {jnp.float32: dict(out=1e-4, stats=1e-4, grad=1e-4),
        jnp.bfloat16: dict(out=1e-2, stats=1e-4, grad=2e-2)}
 
@@ -92,7 +92,7 @@ def _check_against_oracle(backend, interpret, *, b, nq, nk, h, d, dtype, key_siz
     assert out.dtype == dtype and out.shape == q.shape
     _close("out", out, r_out, tol["out"])
     assert set(stats) == set(ALL_STATS)
-    for name in ("lse", "cls_probs", "key_mass"):
+    for name in ("lse", "cls_probs", "key_mass", "probs"):
         assert stats[name].dtype == jnp.float32, name
         _close(name, stats[name], r_stats[name], tol["stats"])
     _close("mean_key", stats["mean_key"], r_stats["mean_key"], tol["out"])

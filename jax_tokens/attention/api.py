@@ -43,7 +43,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
         "cls_probs" [B, H, Nk] the probability row of query `query_index` (or
           [B, H, len(query_index), Nk] for a sequence of indices) (fp32);
         "key_mass" [B, H, Nk] attention each key receives, summed over queries (fp32);
-        "mean_key" [B, Nk, D] keys averaged over heads (ToMe's merge metric).
+        "mean_key" [B, Nk, D] keys averaged over heads (ToMe's merge metric);
+        "probs" [B, H, Nq, Nk] the whole probability matrix (fp32; MCTF's one-step-ahead
+          attention). It is N x N by definition: the kernels rebuild it from their lse
+          outside the kernel, so ask for it only where a method needs every entry.
       query_index: which query row(s) "cls_probs" returns.
       scale: logits scale, default D ** -0.5.
       impl: "xla" (materialises probabilities; the oracle), "pallas_tpu", "pallas_gpu",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-STATS = ("lse", "cls_probs", "key_mass", "mean_key")
+STATS = ("lse", "cls_probs", "key_mass", "mean_key", "probs")
 
 
 def check_inputs(q, k, v, bias, key_size, stats) -> None:

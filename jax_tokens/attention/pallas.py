@@ -195,7 +195,7 @@ def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
         the kernels (proportional attention). It gets its gradient (column sums of dS).
       causal: query i sees keys j <= i + Nk - Nq; fully masked blocks are skipped. With
         Nq > Nk the first Nq - Nk queries see no key and get NaN rows, as in the oracle.
-      stats: names from ("lse", "cls_probs", "key_mass", "mean_key"); see
+      stats: names from ("lse", "cls_probs", "key_mass", "mean_key", "probs"); see
         `jax_tokens.attention.attention`. Statistics are fp32 (mean_key: k's dtype) and carry
         no gradient, except mean_key, which is `k.mean(axis=2)` and differentiable.
       query_index: row(s) returned by "cls_probs": an int, or a 1-D sequence of ints.
@@ -257,4 +257,9 @@ def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
                 scale, cfg.causal)
         elif name == "mean_key":
             result["mean_key"] = k.mean(axis=2)
+        elif name == "probs":      # N x N by definition: rebuilt from lse outside the kernel
+            sg = jax.lax.stop_gradient
+            result["probs"] = _cls_probs(
+                sg(q), sg(k), sg(kb), None if bias is None else sg(bias), lse,
+                np.arange(nq), False, scale, cfg.causal)
     return out, result

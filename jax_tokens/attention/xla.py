@@ -50,6 +50,8 @@ def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
             result["key_mass"] = jax.lax.stop_gradient(probs.sum(axis=2))
         elif name == "mean_key":
             result["mean_key"] = k.mean(axis=2)
+        elif name == "probs":
+            result["probs"] = jax.lax.stop_gradient(probs)
     if "lse" in result:
         result["lse"] = jax.lax.stop_gradient(result["lse"])
     return out, result
