@@ -52,13 +52,18 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every save at INFO
     try:
         distributed.maybe_initialize_distributed(config)   # before anything touches a device
-        result = loop.train(config, _WORKDIR.value, log=lambda s: print(s, flush=True))
+        import jax  # pylint: disable=import-outside-toplevel
+        lead = jax.process_index() == 0       # one process reports progress (all do errors)
+        result = loop.train(config, _WORKDIR.value,
+                            log=lambda s: print(s, flush=True) if lead else None)
     except guard.Preempted:       # the checkpoint is saved and the loop said so
         return guard.PREEMPTED_EXIT_CODE
     except (schema.ConfigError, checkpoint.CheckpointError, guard.WorkdirInUseError,
             data.DatasetNotPreparedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    if not lead:
+        return 0
     wall = time.perf_counter() - _T0
     acc = "" if result["top1"] is None else \
         f", test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}"

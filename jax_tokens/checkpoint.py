@@ -26,6 +26,7 @@ Exports for inference (parameters + model config) are written by `jax_tokens.tra
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -246,14 +247,50 @@ class Checkpointer:
                    "Restore it with the jax_tokens version that wrote it and export it, or "
                    "retrain." if legacy else ""))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
+        data_state = None
         if data_iterator is not None:
-            _, restore_cls = _grain_args()
-            items["data"] = restore_cls(data_iterator)
+            data_state = self._data_state_from_other_topology(step)
+            if data_state is None:
+                _, restore_cls = _grain_args()
+                items["data"] = restore_cls(data_iterator)
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # pylint: disable=broad-except
             raise self._unreadable(step, "its state", e) from e
+        if data_state is not None:
+            data_iterator.set_state(data_state)
         return out["state"]
+
+    def _data_state_from_other_topology(self, step: int) -> dict | None:
+        """The data iterator state of a checkpoint written by another number of processes
+        (None when this process's own file is there).
+
+        Grain writes one `process_<i>-of-<n>.json` per process. The training loaders cut the
+        same global batches on every process, so every process's state is the same position
+        in one sequence, and any process count can continue from it. States that differ
+        (loaders that split the data per process) cannot be mapped: CheckpointError."""
+        folder = os.path.join(self.step_dir(step), "data")
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, own)):
+            return None
+        files = sorted(f for f in os.listdir(folder)
+                       if f.startswith("process_") and f.endswith(".json"))
+        if not files:
+            return None
+        states = []
+        for f in files:
+            try:
+                with open(os.path.join(folder, f)) as fh:
+                    states.append(json.load(fh))
+            except (OSError, ValueError) as e:
+                raise self._unreadable(step, f"its data iterator state {f}", e) from e
+        if any(st != states[0] for st in states[1:]):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} was written by "
+                f"{len(files)} processes whose data positions differ ({', '.join(files)}), so "
+                f"it cannot continue with {jax.process_count()} process(es): resume it with "
+                f"{len(files)} processes")
+        return states[0]
 
     def close(self, *, quiet: bool = False) -> None:
         """Waits for pending saves and releases the manager (quiet: never raises)."""

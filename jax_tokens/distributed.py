@@ -25,8 +25,11 @@ def maybe_initialize_distributed(config: Any = None, *, initialize: Callable | N
     the distributed runtime is (now) initialized. Call it before anything touches a device.
 
     Multi-process when `config.distributed` is true (a bool, or a group with
-    `coordinator_address` / `num_processes` / `process_id`), or the environment sets
-    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID) or JAX_DISTRIBUTED=1.
+    `coordinator_address` / `num_processes` / `process_id` / `heartbeat_timeout_seconds` /
+    `initialization_timeout`), or the environment sets JAX_COORDINATOR_ADDRESS (with
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID, optionally JAX_HEARTBEAT_TIMEOUT_SECONDS and
+    JAX_INITIALIZATION_TIMEOUT) or JAX_DISTRIBUTED=1. The heartbeat timeout bounds how long the
+    surviving processes wait when one dies (JAX's default: 100 s).
     On a Cloud TPU pod slice, `distributed=True` with no addresses is enough: JAX finds the
     coordinator and the process ids itself.
     """
@@ -43,7 +46,8 @@ def maybe_initialize_distributed(config: Any = None, *, initialize: Callable | N
     elif hasattr(dist, "get") or hasattr(dist, "coordinator_address"):
         get = dist.get if hasattr(dist, "get") else (lambda k, d=None: getattr(dist, k, d))
         wanted = bool(get("enabled", True))
-        for key in ("coordinator_address", "num_processes", "process_id"):
+        for key in ("coordinator_address", "num_processes", "process_id",
+                    "heartbeat_timeout_seconds", "initialization_timeout"):
             if get(key, None) is not None:
                 kwargs[key] = get(key)
     else:
@@ -55,9 +59,14 @@ def maybe_initialize_distributed(config: Any = None, *, initialize: Callable | N
     if not wanted:
         return False
     kwargs.setdefault("coordinator_address", env.get("JAX_COORDINATOR_ADDRESS") or None)
-    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"),
+                     ("heartbeat_timeout_seconds", "JAX_HEARTBEAT_TIMEOUT_SECONDS"),
+                     ("initialization_timeout", "JAX_INITIALIZATION_TIMEOUT")):
         if key not in kwargs and env.get(var):
-            kwargs[key] = int(env[var])
+            try:
+                kwargs[key] = int(env[var])
+            except ValueError:
+                raise ValueError(f"{var}={env[var]!r} must be an int") from None
     init(**{k: v for k, v in kwargs.items() if v is not None})
     return True
 

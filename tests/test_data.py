@@ -209,19 +209,24 @@ def test_worker_processes_give_the_same_batches(fmnist_dir):
 
 
 @needs_fashion
-def test_train_split_per_process_is_disjoint_and_even(fmnist_dir):
-    shards = []
-    for i in range(2):
+def test_processes_split_every_global_batch_as_one_process_reads_it(fmnist_dir):
+    """Two processes read disjoint halves of every global batch; together they read (and
+    augment) exactly the batches one process reads, image for image."""
+    def batches(i, count):
         loader = data.make_train_loader(
-            "fashion_mnist", fmnist_dir, 100, seed=0, split="train[:599]", num_epochs=1,
-            shard_options=ShardOptions(shard_index=i, shard_count=2), num_threads=1,
+            "fashion_mnist", fmnist_dir, 100, seed=3, split="train[:599]", num_epochs=1,
+            shard_options=ShardOptions(shard_index=i, shard_count=count), num_threads=1,
             with_index=True)
-        assert loader.process_batch_size == 50 and loader.num_examples == 299
-        batches = list(loader)
-        assert len(batches) == 299 // 50 and all(b["image"].shape[0] == 50 for b in batches)
-        shards.append(set(np.concatenate([b["index"] for b in batches]).tolist()))
-    assert not shards[0] & shards[1]
-    assert shards[0] <= set(range(299)) and shards[1] <= set(range(299, 598))
+        assert loader.process_batch_size == 100 // count and loader.num_examples == 599
+        assert loader.steps_per_epoch == 5 and loader.num_batches == 5
+        return list(loader)
+    one, halves = batches(0, 1), [batches(i, 2) for i in range(2)]
+    assert len(one) == len(halves[0]) == len(halves[1]) == 5
+    for b, (a0, a1) in enumerate(zip(*halves)):
+        assert a0["image"].shape[0] == a1["image"].shape[0] == 50
+        assert not set(a0["index"].tolist()) & set(a1["index"].tolist())
+        for key in ("index", "image", "label"):
+            np.testing.assert_array_equal(np.concatenate([a0[key], a1[key]]), one[b][key])
 
 
 # ----------------------------------------------------------------------------------------------

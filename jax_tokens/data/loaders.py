@@ -35,17 +35,20 @@ class _BatchReader:
     seed: int
     shard_index: int
     with_index: bool
+    process_rows: int = 0        # training: rows of each global batch this process reads
 
-    def images(self, examples, rng) -> np.ndarray:
+    def images(self, examples, rngs) -> np.ndarray:
+        """Decoded, resized and (in training) augmented images; `rngs` holds one generator per
+        example, so an example's augmentation does not depend on which process reads it."""
         spec, key = self.spec, self.spec.image_key
         if spec.preprocess == "imagenet":
             if self.train:
-                imgs = [imagenet_train_image(e[key], rng, self.out_shape[0],
+                imgs = [imagenet_train_image(e[key], r, self.out_shape[0],
                                              min_crop_area=spec.min_crop_area,
                                              flip=self.augment and spec.flip) if self.augment
                         else imagenet_eval_image(e[key], self.out_shape[0],
                                                  crop_fraction=spec.crop_fraction)
-                        for e in examples]
+                        for e, r in zip(examples, rngs)]
             else:
                 imgs = [imagenet_eval_image(e[key], self.out_shape[0],
                                             crop_fraction=spec.crop_fraction) for e in examples]
@@ -55,14 +58,14 @@ class _BatchReader:
             imgs = [_resize_uint8(x, self.image_size) for x in imgs]
         images = np.stack(imgs) if imgs else np.zeros((0, *self.out_shape), np.uint8)
         if self.train and self.augment and (spec.crop_padding or spec.flip):
-            images = _pad_crop_flip(images, rng, spec.crop_padding, spec.flip)
+            images = _pad_crop_flip(images, rngs, spec.crop_padding, spec.flip)
         return images
 
-    def read(self, indices: np.ndarray, rng) -> dict[str, np.ndarray]:
+    def read(self, indices: np.ndarray, rngs=None) -> dict[str, np.ndarray]:
         indices = [int(i) for i in indices]
         try:
             examples = self.source.__getitems__(indices) if indices else []
-            images = self.images(examples, rng)
+            images = self.images(examples, rngs)
         except Exception as e:
             shown = f"{indices[:8]}{'...' if len(indices) > 8 else ''}"
             raise ValueError(f"could not read/decode examples {shown} of "
@@ -74,8 +77,13 @@ class _BatchReader:
         return batch
 
     def train_batch(self, batch_index: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.shard_index, batch_index])
-        return self.read(indices, rng)
+        """This process's rows of global batch `batch_index` (`indices`: the whole global
+        batch, the same on every process). Example j of the global batch is augmented with
+        its own generator seeded (seed, batch_index, j): N processes together read and
+        augment exactly what one process would."""
+        rows = np.arange(self.process_rows) + self.shard_index * self.process_rows
+        rngs = [np.random.default_rng([self.seed, batch_index, int(j)]) for j in rows]
+        return self.read(np.asarray(indices)[rows], rngs)
 
 
 @dataclasses.dataclass
@@ -164,8 +172,7 @@ class _Loader:
     split: str                       # TFDS split read
     batch_size: int                  # global batch size (all processes)
     process_batch_size: int          # rows per batch on this process
-    num_examples: int                # examples per pass over this process's shard (train) or
-                                     # over the whole split (eval)
+    num_examples: int                # examples in one pass over the split
     num_batches: int | None          # batches this loader yields (None: forever)
     image_shape: tuple[int, int, int]
     num_classes: int | None
@@ -177,11 +184,12 @@ class _Loader:
 class TrainLoader(_Loader):
     """Iterator over training batches ``{"image": f32 [B,H,W,C], "label": i32 [B]}``.
 
-    B = process_batch_size = batch_size // shard_count. Resumable: `get_state()` returns a
+    B = process_batch_size = batch_size // shard_count: this process's rows of every global
+    batch (all processes share one shuffle of the split). Resumable: `get_state()` returns a
     JSON-serialisable dict (the Grain `DatasetIterator` state); `set_state(state)` on a loader
     built with the same arguments continues with exactly the batches that would have followed.
     For Orbax, checkpoint `loader.iterator` with `grain.checkpoint.CheckpointSave/Restore`.
-    `steps_per_epoch` = num_examples // process_batch_size (batches run across epochs).
+    `steps_per_epoch` = num_examples // batch_size (batches run across epochs).
     """
 
     steps_per_epoch: int = 0
@@ -281,9 +289,10 @@ def make_train_loader(name, data_dir, batch_size: int, seed: int = 0, *,
         flip; off: resize + center crop).
       image_size: output side (None: the dataset's default).
       mean, std: override the normalisation statistics.
-      shard_options: which part this process reads (default ShardByJaxProcess()). Training
-        always gives every process an equal, contiguous share of the split (the remainder of
-        len(split) / shard_count is dropped), so all processes take the same number of steps.
+      shard_options: which part this process reads (default ShardByJaxProcess()): every
+        process shuffles the whole split with the same seed and cuts the same global batches;
+        process i reads rows [i * B, (i + 1) * B) of each, B = batch_size // shard_count. So
+        N processes together read (and augment) exactly the batches one process reads.
       num_threads / prefetch: Grain reader threads and batches buffered.
       worker_count: > 0 runs decoding in that many worker processes (grain mp_prefetch).
       with_index: add "index": int64 [B], each example's index in the split.
@@ -296,24 +305,27 @@ def make_train_loader(name, data_dir, batch_size: int, seed: int = 0, *,
     num_threads, prefetch, worker_count = _check_threads(num_threads, prefetch, worker_count)
     key, spec, builder, out_shape, split, source = _open_split(
         name, data_dir, image_size, mean, std, split, train=True)
-    start, end = _even_split(len(source), shard_options, drop_remainder=True)
-    if end - start == 0:
-        raise ValueError(f"split={split!r} of {key!r} has {len(source)} examples, too few for "
-                         f"{shard_options.shard_count} processes")
-    total = None if num_epochs is None else num_epochs * (end - start)
-    if total is not None and total < local_bs:
-        raise ValueError(f"batch_size={batch_size} needs {local_bs} examples per process but "
-                         f"num_epochs={num_epochs} of this shard gives only {total}")
+    n = len(source)
+    total = None if num_epochs is None else num_epochs * n
+    if (n if total is None else total) < batch_size:
+        raise ValueError(f"batch_size={batch_size} needs {batch_size} examples but "
+                         f"split={split!r} of {key!r} gives only "
+                         f"{n if total is None else total}"
+                         + ("" if num_epochs is None else f" in num_epochs={num_epochs}"))
     reader = _BatchReader(source, spec, image_size or spec.image_size, out_shape, train=True,
                           augment=bool(augment), seed=int(seed),
-                          shard_index=shard_options.shard_index, with_index=with_index)
-    ds = (grain.MapDataset.range(start, end).shuffle(seed=int(seed)).repeat(num_epochs)
-          .batch(local_bs, drop_remainder=True).map_with_index(reader.train_batch))
+                          shard_index=shard_options.shard_index, with_index=with_index,
+                          process_rows=local_bs)
+    # Every process shuffles the whole split alike and cuts the same global batches; each
+    # reads only its rows of each (train_batch), so the processes together read exactly the
+    # batches one process would.
+    ds = (grain.MapDataset.range(n).shuffle(seed=int(seed)).repeat(num_epochs)
+          .batch(int(batch_size), drop_remainder=True).map_with_index(reader.train_batch))
     return TrainLoader(
         _iter_dataset(ds, num_threads, prefetch, worker_count), name=key, split=split,
-        batch_size=int(batch_size), process_batch_size=local_bs, num_examples=end - start,
-        steps_per_epoch=(end - start) // local_bs,
-        num_batches=None if total is None else total // local_bs, image_shape=out_shape,
+        batch_size=int(batch_size), process_batch_size=local_bs, num_examples=n,
+        steps_per_epoch=n // int(batch_size),
+        num_batches=None if total is None else total // int(batch_size), image_shape=out_shape,
         num_classes=_num_classes(builder.info, spec.label_key), shard_options=shard_options,
         spec=spec)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -119,18 +120,21 @@ def _resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(size, size, image.shape[-1])
 
 
-def _pad_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int,
+def _pad_crop_flip(images: np.ndarray, rngs: Sequence[np.random.Generator], padding: int,
                    flip: bool) -> np.ndarray:
-    """uint8 [B, H, W, C] -> same shape: zero-pad, crop at random offsets, random h-flip."""
+    """uint8 [B, H, W, C] -> same shape: zero-pad, crop at random offsets, random h-flip;
+    example i draws from rngs[i]."""
     b, h, w, _ = images.shape
+    if len(rngs) != b:
+        raise ValueError(f"rngs has {len(rngs)} generators for {b} images")
     if padding:
         padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        oy = rng.integers(0, 2 * padding + 1, size=b)
-        ox = rng.integers(0, 2 * padding + 1, size=b)
+        oy = np.asarray([r.integers(0, 2 * padding + 1) for r in rngs], np.int64).reshape(b)
+        ox = np.asarray([r.integers(0, 2 * padding + 1) for r in rngs], np.int64).reshape(b)
         rows = (oy[:, None] + np.arange(h))[:, :, None]
         cols = (ox[:, None] + np.arange(w))[:, None, :]
         images = padded[np.arange(b)[:, None, None], rows, cols]
     if flip:
-        flips = rng.random(b) < 0.5
+        flips = np.asarray([r.random() < 0.5 for r in rngs], bool).reshape(b)
         images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
     return images
