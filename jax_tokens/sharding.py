@@ -28,7 +28,7 @@ Parameters carry *logical* axis names in their NNX metadata (`out_sharding`, wit
     "fsdp"     batch -> (data, fsdp); embed -> fsdp: every matrix is split over fsdp along its
                embedding axis (the optimizer moments follow their parameters); XLA all-gathers
                a layer's weights where they are used and sums the gradients over the batch.
-    "fsdp_tp"  fsdp, plus heads / qkv / mlp -> tensor: the qkv output columns, the attention
+    "fsdp_tp"  fsdp, plus heads / kv_heads / qkv / mlp -> tensor: the qkv output columns, the attention
                projection's input rows and the MLP hidden units are split over `tensor`
                (Megatron-style), and attention runs per head shard. The fused qkv kernel
                [D, 3D] (timm's layout) is split into contiguous column blocks, which are not
@@ -83,6 +83,8 @@ LOGICAL_AXES = (
     "classes",  # classifier outputs
     "patch",    # the input channels of the patch projection
     "norm",     # per-channel vectors of LayerNorm / LayerScale
+    "kv_heads", # key/value heads of grouped-query attention (decoder k/v projections, KV cache)
+    "vocab",    # the vocabulary (token embedding rows, LM head columns)
 )
 """Logical axis names the library's modules use (rules may only name these)."""
 
@@ -93,7 +95,7 @@ PRESETS: dict[str, Rules] = {
     "dp": (_BATCH,),
     "fsdp": (_BATCH, ("embed", "fsdp")),
     "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("qkv", "tensor"),
-                ("mlp", "tensor")),
+                ("mlp", "tensor"), ("kv_heads", "tensor")),
 }
 """Preset rules: logical axis -> mesh axes (None or missing: replicated)."""
 

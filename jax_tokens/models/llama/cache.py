@@ -1,0 +1,338 @@
+"""A static-shape KV cache for the decoder, and the interface KV-cache *presses* plug into.
+
+    cache = KVCache.create(cfg, batch=2, capacity=512)          # every slot empty
+    logits, aux = model(tokens, positions=pos, mask=mask, cache=cache)   # prefill: write T slots
+    cache = aux["cache"]
+    logits, aux = model(next_tok[:, None], positions=next_pos[:, None], cache=cache)  # decode
+
+Layout (per layer, `LayerCache`; `KVCache` stacks the L layers on a leading axis, as the
+model stacks its layers' parameters and scans over them):
+
+    k, v    [B, C, KVH, hd]   keys (RoPE applied) and values, KV heads not repeated
+    pos     [B, C, KVH] int32 the position of the token in each slot (-1: never written)
+    valid   [B, C, KVH] bool  whether a slot holds a real token (padding and empty: False)
+    index   int32 scalar      the next slot to write (the same for every example and head)
+
+Every array has a fixed shape: C (capacity) is a Python int chosen before tracing. Writing T
+new tokens puts them in slots [index, index + T) (`lax.dynamic_update_slice`); the caller
+makes sure index + T <= C (generation checks it before tracing). Queries attend over all C
+slots, masked by `attention_bias`: slot c is visible to a real query at position p when it is
+valid and pos[c] <= p; a padding query sees only its own slot (so its row is finite, and
+nothing depends on how the prompt was split into chunks), and no real query sees padding.
+Positions and validity are per KV head because a press may keep different tokens in each
+head.
+
+Batches of prompts of different lengths are *left*-padded to one length (`pad_prompts`):
+every prompt then ends in the same slot, the next token of every example is written to the
+same slot, and positions (`padding_positions`) count real tokens only, so an example's
+logits do not depend on how much padding it got.
+
+Presses (the next issue's KV-cache compression: StreamingLLM, H2O, SnapKV, PyramidKV, TOVA,
+Knorm, Expected Attention) plug in after prefill (`compress`, called by
+`generation.prefill(..., press=...)`):
+
+    class MyPress:                                       # hashable (a frozen dataclass)
+        def request(self, n_queries: int) -> PressRequest:
+            # what the prefill should record for every layer: attention statistics over the
+            # cache slots (names from jax_tokens.attention.STATS: "key_mass" [B, H, C] for
+            # H2O, "cls_probs" with query_index=range(n_queries - W, n_queries) ->
+            # [B, H, W, C] for SnapKV's observation window, "lse"), and whether it needs the
+            # prefill's queries (queries=True -> [B, T, H, hd], RoPE applied).
+            return PressRequest(stats=("key_mass",))
+        def plan(self, inputs: PressInputs) -> KVPlan:
+            # inputs: layer (int), keys / values [B, C, KVH, hd], positions / valid
+            # [B, C, KVH], stats (the dict asked for; per *query* head: a press reduces
+            # over each group of cfg.kv_groups heads itself), queries, query_positions
+            # [B, T], groups (query heads per KV head).
+            scores = ...                                    # [B, KVH, C], -inf where invalid
+            kept = jax.lax.top_k(scores, k)[1]              # static k
+            return KVPlan(kept_idx=jnp.sort(kept, axis=-1), n_in=inputs.keys.shape[1])
+
+A plan is data (`KVPlan`: kept slot indices [B, KVH, K] per KV head, K static), like the ViT
+reducers' plans: `plan.apply(x)` gathers any per-slot array [B, C, KVH, ...], `plan.matrix()`
+is the dense one-hot [B, KVH, K, C] view, `plan.assignment` [B, KVH, C] the output slot of
+each input slot (-1: evicted). Eviction (`evict`) is a gather: kept slots move to [0, K) in
+the plan's order, the rest of the capacity is emptied (valid False, pos -1), and `index`
+becomes K, so decoding continues at slot K. Presses that act during decoding (H2O's running
+scores, TOVA) need state carried through the decode loop; that hook is not built yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+__all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
+           "evict", "compress", "pad_prompts", "padding_positions", "self_attention_bias",
+           "NEG_INF"]
+
+NEG_INF = -1e30
+"""The additive bias of a masked logit (finite: a fully masked row never makes NaNs)."""
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's cache; see the module docstring for the layout."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def create(cls, batch: int, capacity: int, kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> "LayerCache":
+        shape = (batch, capacity, kv_heads)
+        return cls(k=jnp.zeros(shape + (head_dim,), dtype), v=jnp.zeros(shape + (head_dim,), dtype),
+                   pos=jnp.full(shape, -1, jnp.int32), valid=jnp.zeros(shape, bool),
+                   index=jnp.zeros((), jnp.int32))
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array,
+              mask: jax.Array | None = None) -> "LayerCache":
+        """Writes T new tokens (k, v [B, T, KVH, hd], positions [B, T], mask [B, T] or None:
+        all valid) into slots [index, index + T); index advances by T."""
+        b, t, kvh, _ = k.shape
+        if t > self.capacity:
+            raise ValueError(f"cannot write {t} tokens into a KV cache of capacity "
+                             f"{self.capacity}")
+        at = (0, self.index, 0, 0)
+        valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+        pos = jnp.broadcast_to(positions.astype(jnp.int32)[..., None], (b, t, kvh))
+        valid = jnp.broadcast_to(valid[..., None], (b, t, kvh))
+        return self.replace(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+            pos=jax.lax.dynamic_update_slice(self.pos, pos, at[:3]),
+            valid=jax.lax.dynamic_update_slice(self.valid, valid, at[:3]),
+            index=self.index + t)
+
+    def attention_bias(self, q_positions: jax.Array, n_new: int,
+                       q_mask: jax.Array | None = None) -> jax.Array:
+        """Additive bias [B, KVH, T, C] (float32) for the T queries just written (call after
+        `write`): a real query sees the valid slots whose position is <= its own; a padding
+        query (q_mask False) sees only its own slot."""
+        c = self.capacity
+        own = jnp.arange(c)[None, :] == (self.index - n_new + jnp.arange(n_new))[:, None]
+        pos = jnp.moveaxis(self.pos, 2, 1)[:, :, None, :]           # [B, KVH, 1, C]
+        valid = jnp.moveaxis(self.valid, 2, 1)[:, :, None, :]
+        seen = valid & (pos <= q_positions[:, None, :, None])
+        if q_mask is not None:
+            seen = seen & q_mask.astype(bool)[:, None, :, None]
+        seen = seen | own[None, None]
+        return jnp.where(seen, 0.0, NEG_INF).astype(jnp.float32)
+
+@struct.dataclass
+class KVCache:
+    """The whole decoder's cache: every layer's `LayerCache` stacked on a leading layer axis
+    (k, v [L, B, C, KVH, hd], pos, valid [L, B, C, KVH], index [L]); the model scans over it
+    with its stacked layers. `layer(l)` / `set_layer(l, ...)` read and write one layer (l
+    may be traced). Every layer has the same capacity C; a press that keeps fewer tokens in
+    some layers (PyramidKV) leaves the rest of those layers' slots invalid."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def create(cls, cfg, batch: int, capacity: int, dtype=None) -> "KVCache":
+        """An empty cache for a `LlamaConfig` (dtype: the config's compute dtype)."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} must be a positive int")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch={batch!r} must be a positive int")
+        dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+        shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads)
+        return cls(k=jnp.zeros(shape + (cfg.head_dim,), dtype),
+                   v=jnp.zeros(shape + (cfg.head_dim,), dtype),
+                   pos=jnp.full(shape, -1, jnp.int32), valid=jnp.zeros(shape, bool),
+                   index=jnp.zeros((cfg.num_layers,), jnp.int32))
+
+    def layer(self, l) -> LayerCache:
+        """Layer l's cache (a view: k, v [B, C, KVH, hd], ...)."""
+        return LayerCache(k=self.k[l], v=self.v[l], pos=self.pos[l], valid=self.valid[l],
+                          index=self.index[l])
+
+    def set_layer(self, l, layer: LayerCache) -> "KVCache":
+        """This cache with layer l replaced (in place under jit)."""
+        def put(a, x):
+            return jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), l, 0)
+        return self.replace(k=put(self.k, layer.k), v=put(self.v, layer.v),
+                            pos=put(self.pos, layer.pos), valid=put(self.valid, layer.valid),
+                            index=put(self.index, layer.index))
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (keys, values, positions, validity)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.k, self.v, self.pos, self.valid, self.index))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks and padding
+# --------------------------------------------------------------------------------------------
+
+def self_attention_bias(positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Bias [B, 1, T, T] for attention among T tokens without a cache: a real query q sees
+    the real keys k with positions[k] <= positions[q]; a padding query sees only itself."""
+    t = positions.shape[1]
+    mask = mask.astype(bool)
+    seen = mask[:, None, :] & mask[:, :, None] & (positions[:, None, :] <= positions[:, :, None])
+    seen = seen | jnp.eye(t, dtype=bool)[None]
+    return jnp.where(seen, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
+def padding_positions(mask: jax.Array) -> jax.Array:
+    """Positions [B, T] of left-padded tokens: real tokens count 0, 1, 2, ...; padding gets 0."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, length: int | None = None,
+                multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to one length: (tokens [B, L] int32, mask [B, L] bool).
+
+    L is `length` if given, else the longest prompt rounded up to `multiple` (prompts of
+    different lengths then share one compiled program). ValueError for an empty prompt or
+    one longer than `length`.
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} has no tokens")
+    longest = max(len(p) for p in prompts)
+    if length is None:
+        length = -(-longest // multiple) * multiple
+    elif longest > length:
+        raise ValueError(f"a prompt has {longest} tokens, more than length={length}")
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p):] = p
+        mask[i, length - len(p):] = True
+    return tokens, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Presses: plans and eviction
+# --------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class KVPlan:
+    """Which cache slots each KV head keeps: kept_idx [B, KVH, K] int32 (K static, the plan's
+    order is the order in the new cache; sort it to keep position order)."""
+
+    kept_idx: jax.Array
+    n_in: int = struct.field(pytree_node=False)
+
+    @property
+    def n_out(self) -> int:
+        return self.kept_idx.shape[-1]
+
+    @property
+    def assignment(self) -> jax.Array:
+        """[B, KVH, C] int32: the new slot of each old slot, -1 where evicted."""
+        b, h, k = self.kept_idx.shape
+        onehot = self.matrix(jnp.int32)                      # [B, KVH, K, C]
+        slot = jnp.arange(k, dtype=jnp.int32)[None, None, :, None]
+        return jnp.where(onehot.sum(2) > 0, (onehot * slot).sum(2), -1).astype(jnp.int32)
+
+    def matrix(self, dtype=jnp.float32) -> jax.Array:
+        """The dense one-hot view [B, KVH, K, C]."""
+        return jax.nn.one_hot(self.kept_idx, self.n_in, dtype=dtype)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """Gathers a per-slot array x [B, C, KVH, ...] -> [B, K, KVH, ...]."""
+        idx = jnp.swapaxes(self.kept_idx, 1, 2)                # [B, K, KVH]
+        idx = idx.reshape(idx.shape + (1,) * (x.ndim - 3))
+        return jnp.take_along_axis(x, idx, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PressRequest:
+    """What a press needs recorded during prefill, for every layer."""
+
+    stats: tuple[str, ...] = ()
+    query_index: Any = 0
+    queries: bool = False
+
+
+@struct.dataclass
+class PressInputs:
+    """What a press sees for one layer after prefill (see the module docstring)."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    stats: dict
+    queries: jax.Array | None
+    query_positions: jax.Array
+    layer: int = struct.field(pytree_node=False)
+    groups: int = struct.field(pytree_node=False)
+
+
+class Press(Protocol):
+    def request(self, n_queries: int) -> PressRequest: ...
+
+    def plan(self, inputs: PressInputs) -> KVPlan: ...
+
+
+def evict(layer: LayerCache, plan: KVPlan, capacity: int | None = None) -> LayerCache:
+    """Keeps the plan's slots: they move to slots [0, K) of a cache of `capacity` (default:
+    the same capacity), the rest is emptied, and writing continues at slot K."""
+    c = layer.capacity if capacity is None else capacity
+    if plan.n_in != layer.capacity:
+        raise ValueError(f"the plan was made for {plan.n_in} slots; the cache has "
+                         f"{layer.capacity}")
+    k_out = plan.n_out
+    if k_out > c:
+        raise ValueError(f"the plan keeps {k_out} slots; capacity={c} cannot hold them")
+    fresh = LayerCache.create(layer.k.shape[0], c, layer.k.shape[2], layer.k.shape[3],
+                              layer.k.dtype)
+    at = (0, 0, 0, 0)
+    return fresh.replace(
+        k=jax.lax.dynamic_update_slice(fresh.k, plan.apply(layer.k), at),
+        v=jax.lax.dynamic_update_slice(fresh.v, plan.apply(layer.v), at),
+        pos=jax.lax.dynamic_update_slice(fresh.pos, plan.apply(layer.pos), at[:3]),
+        valid=jax.lax.dynamic_update_slice(fresh.valid, plan.apply(layer.valid), at[:3]),
+        index=jnp.asarray(k_out, jnp.int32))
+
+
+def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: jax.Array,
+             groups: int) -> tuple[KVCache, list[KVPlan]]:
+    """Runs a press on every layer after prefill: builds its `PressInputs` from the cache and
+    the statistics the prefill recorded (`layer_stats`: name -> [L, ...], with "queries" when
+    requested), asks for a plan and evicts (a Python loop over layers: each layer's plan may
+    keep a different static number of slots). Returns the new cache and the plans."""
+    plans = []
+    for l in range(cache.num_layers):
+        st = {name: a[l] for name, a in layer_stats.items()}
+        queries = st.pop("queries", None)
+        lc = cache.layer(l)
+        inputs = PressInputs(keys=lc.k, values=lc.v, positions=lc.pos, valid=lc.valid,
+                             stats=st, queries=queries, query_positions=query_positions,
+                             layer=l, groups=groups)
+        plan = press.plan(inputs)
+        plans.append(plan)
+        cache = cache.set_layer(l, evict(lc, plan))
+    return cache, plans
