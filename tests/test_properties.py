@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jax_tokens import reducers
 from jax_tokens.attention import attention
+from jax_tokens.reducers import pitome as _pitome
 
 settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -77,10 +78,42 @@ STRATEGIES = {
         lambda k, fuse: reducers.get("evit")(keep_rate=_keep_rate(k, _prunable(lay)),
                                              layers=(0,), fuse=fuse),
         k=st.integers(1, _prunable(lay)), fuse=st.booleans()),
+    "tofu": lambda lay: st.builds(
+        reducers.get("tofu"),
+        r=st.integers(0, (lay.num_tokens - int(lay.class_token) - int(lay.distill_token)) // 2),
+        prune_layers=st.integers(0, 1), norm=st.sampled_from(["max", "wmean"]),
+        prop_attn=st.booleans()),
+    "diffrate": lambda lay: st.integers(lay.num_prefix_tokens + 1, lay.num_tokens).flatmap(
+        lambda p: st.builds(
+            lambda m, **kw: reducers.get("diffrate")(prune_kept=(p,), merge_kept=(m,),
+                                                     size_update="sum", **kw),
+            m=st.integers(lay.num_prefix_tokens + 1, p),
+            score=st.sampled_from(["cls_attn", "key_mass"] if lay.class_token else ["key_mass"]),
+            prop_attn=st.booleans())),
+    "ppt": lambda lay: st.builds(
+        lambda r, **kw: reducers.get("ppt")(r=r, layers=(0,), **kw),
+        r=st.integers(0, (lay.num_tokens - int(lay.class_token) - int(lay.distill_token)) // 2),
+        threshold=st.sampled_from([0.0, 1e-3, float("inf")]), prop_attn=st.booleans(),
+        score=st.sampled_from(["cls_attn", "key_mass"] if lay.class_token else ["key_mass"])),
+    "atc": lambda lay: st.builds(
+        lambda k, **kw: reducers.get("atc")(layers=(0,), num_clusters=k, **kw),
+        k=st.integers(1, lay.num_tokens - int(lay.class_token) - int(lay.distill_token)),
+        linkage=st.sampled_from(["single", "complete", "average"]),
+        prop_attn=st.booleans(), order=st.sampled_from(["reference", "appearance"])),
+    "pitome": lambda lay: st.sampled_from(_pitome.VARIANTS).flatmap(lambda v: st.builds(
+        reducers.get("pitome"), variant=st.just(v),
+        r=st.integers(0, _pitome.max_r(v, lay.num_tokens, lay.num_prefix_tokens)),
+        margin=st.floats(0.0, 1.0), alpha=st.sampled_from([0.5, 1.0]),
+        prop_attn=st.booleans())),
     "token_learner": lambda lay: st.builds(
         lambda m: reducers.get("token_learner")(layers=(0,), num_tokens=m),
         m=st.integers(1, _prunable(lay) - 1)),
 }
+
+
+# Reducers whose merges are size-weighted whatever prop_attn says: the dense view is
+# `plan.matrix(size)` for them.
+SIZE_WEIGHTED = {"tome", "tofu", "ppt", "pitome"}
 
 
 def test_every_registered_reducer_has_a_strategy():
@@ -156,9 +189,12 @@ def _check(method, case):
     # The output is the dense view applied to the input.
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=5e-2, rtol=5e-2)
     xf = np.asarray(x.astype(jnp.float32))
-    w = np.asarray(plan.matrix(size if red.proportional_attention or method == "tome" else None))
-    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)),
-                               np.einsum("bmn,bnc->bmc", w, xf), **tol)
+    w = np.asarray(plan.matrix(size if red.proportional_attention or method in SIZE_WEIGHTED
+                               else None))
+    expected = np.einsum("bmn,bnc->bmc", w, xf)
+    if hasattr(plan, "rescale"):   # ToFu's MLERP: a norm rescaling on top of the linear map
+        expected = np.asarray(plan.rescale(jnp.asarray(expected), jnp.asarray(xf), size))
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, **tol)
     applied = np.asarray(plan.apply(jnp.asarray(xf)))
     np.testing.assert_allclose(applied, np.einsum("bmn,bnc->bmc", np.asarray(plan.matrix()), xf),
                                atol=2e-5, rtol=1e-5)
@@ -184,7 +220,8 @@ def test_reducer_properties(method):
     given(case=cases(method))(lambda case: _check(method, case))()
 
 
-@pytest.mark.parametrize("method", ["tome", "topk", "evit", "token_learner"])
+@pytest.mark.parametrize("method", ["tome", "topk", "evit", "token_learner", "tofu", "diffrate",
+                                    "ppt", "atc", "pitome"])
 def test_smallest_and_largest_budgets(method):
     """The extreme legal budgets, explicitly (hypothesis may or may not draw them)."""
     layout = reducers.TokenLayout(depth=1, num_tokens=11, num_prefix_tokens=1,
@@ -196,7 +233,16 @@ def test_smallest_and_largest_budgets(method):
                "evit": [dict(keep_rate=_keep_rate(1, m), layers=(0,)),
                         dict(keep_rate=1.0, layers=(0,))],
                "token_learner": [dict(layers=(0,), num_tokens=1),
-                                 dict(layers=(0,), num_tokens=m - 1)]}[method]
+                                 dict(layers=(0,), num_tokens=m - 1)],
+               "tofu": [dict(r=0), dict(r=5, prune_layers=0), dict(r=5, prune_layers=1)],
+               "diffrate": [dict(prune_kept=(2,), merge_kept=(2,), size_update="sum"),
+                            dict(prune_kept=(11,), merge_kept=(10,), size_update="sum")],
+               "ppt": [dict(r=1, layers=(0,), threshold=0.0),
+                       dict(r=5, layers=(0,), threshold=float("inf"))],
+               "atc": [dict(layers=(0,), num_clusters=1, linkage="single"),
+                       dict(layers=(0,), num_clusters=m - 1, prop_attn=False)],
+               "pitome": [dict(r=1, variant="pitome_bsm"), dict(r=5, variant="pitome"),
+                          dict(r=5, variant="pitome_bsm"), dict(r=5, variant="bsm")]}[method]
     for kw in budgets:
         red = reducers.get(method)(**kw)
         spec = red.schedule(layout)[0]
