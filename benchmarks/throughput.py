@@ -28,11 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from jax_tokens import reducers  # noqa: E402
 from jax_tokens.models import VisionTransformer, ViTConfig  # noqa: E402
 from jax_tokens.reducers.evit import EViT  # noqa: E402
 from jax_tokens.reducers.identity import NoReduction  # noqa: E402
 from jax_tokens.reducers.token_learner import TokenLearner  # noqa: E402
 from jax_tokens.reducers.tome import ToMe  # noqa: E402
+
+# DiffRate with ToMe r=16's token counts: no pruning, 16 merged per block (11 left at the end).
+_KEPT = tuple(197 - 16 * (i + 1) for i in range(11)) + (11,)
 
 REDUCERS = {  # id -> (description, reducer)
     "none": ("none", NoReduction()),
@@ -41,6 +45,16 @@ REDUCERS = {  # id -> (description, reducer)
     "tome16": ("ToMe r=16", ToMe(r=16, clamp_r=True)),
     "evit": ("EViT keep 0.7 @ blocks 3,6,9 (fused)", EViT(keep_rate=0.7, layers=(3, 6, 9))),
     "lookup": ("TokenLearner M=49 after block 3", TokenLearner(layers=(3,), num_tokens=49)),
+    # The merging family, each at about half the FLOPs of ViT-B/16 (FLOP ratio column).
+    "pitome": ("PiToMe ratio 0.88 per block", reducers.get("pitome")(ratio=0.88)),
+    "diffrate": ("DiffRate merge 16 per block", reducers.get("diffrate")(
+        prune_kept=(197,) + _KEPT[:-1], merge_kept=_KEPT)),
+    "atc": ("ATC average, keep 0.5 @ blocks 3,6,9", reducers.get("atc")(
+        layers=(3, 6, 9), keep_rate=0.5, linkage="average")),
+    "tofu": ("ToFu r=16 (prune blocks 0-2, MLERP after)", reducers.get("tofu")(
+        r=16, prune_layers=3, clamp_r=True)),
+    "ppt": ("PPT r=16 every block", reducers.get("ppt")(r=16, layers=tuple(range(12)),
+                                                        clamp_r=True)),
 }
 
 

@@ -105,6 +105,15 @@ STRATEGIES = {
         r=st.integers(0, _pitome.max_r(v, lay.num_tokens, lay.num_prefix_tokens)),
         margin=st.floats(0.0, 1.0), alpha=st.sampled_from([0.5, 1.0]),
         prop_attn=st.booleans())),
+    "kmedoids": lambda lay: st.builds(
+        lambda c, **kw: reducers.get("kmedoids")(layers=(0,), num_clusters=(c,), **kw),
+        c=st.integers(1, _prunable(lay)), iterations=st.integers(0, 3),
+        equal_weight=st.booleans(),
+        init_index=st.one_of(st.none(), st.integers(0, _prunable(lay) - 1))),
+    "dpcknn": lambda lay: st.builds(
+        lambda c, **kw: reducers.get("dpcknn")(layers=(0,), num_clusters=(c,), **kw),
+        c=st.integers(1, _prunable(lay)), k=st.integers(1, _prunable(lay)),
+        equal_weight=st.booleans(), noise=st.booleans()),
     "token_learner": lambda lay: st.builds(
         lambda m: reducers.get("token_learner")(layers=(0,), num_tokens=m),
         m=st.integers(1, _prunable(lay) - 1)),

@@ -153,6 +153,8 @@ EXAMPLES = {
     "ppt": dict(r=(4, 3), layers=(0, 2), threshold=2e-3),
     "atc": dict(layers=(1,), num_clusters=8, linkage="complete"),
     "pitome": dict(ratio=0.75),
+    "kmedoids": dict(layers=(1,), keep_rate=0.5),
+    "dpcknn": dict(layers=(1,), keep_rate=0.5, k=3),
 }
 
 
