@@ -55,7 +55,8 @@ def test_overrides_and_unknown_keys_list_valid_ones():
         trainer.load_config(_cfg("fashion_mnist_evit.py"), {"model.reduction.rr": 3})
     msg = str(e.value)
     assert "config.model.reduction.rr" in msg and "keep_rate" in msg and "layers" in msg
-    assert re.search(r"registered reducers: evit, none, .*token_learner, tome, topk", msg)
+    assert re.search(r"registered reducers: atc, diffrate, .*evit, .*mctf, none, .*"
+                     r"token_learner, tome, topk", msg)
     # ToMe's field on an EViT config: an error naming EViT's fields, not a silent new key.
     with pytest.raises(trainer.ConfigError, match=r"reduction.r'.*valid keys there: method, "
                                                   r"keep_rate, layers, fuse"):
@@ -203,7 +204,8 @@ def test_cli_unknown_key_and_budget_errors(tmp_path):
                    str(tmp_path / "w"), "--config.model.reduction.rr=3")
     assert out.returncode == 2, out.stderr
     assert "unknown config key 'config.model.reduction.rr'" in out.stderr
-    assert "registered reducers: evit, none, token_learner, tome, topk" in out.stderr
+    assert re.search(r"registered reducers: atc, diffrate, dpcknn, evit, kmedoids, mctf, none, "
+                     r"pitome, ppt, tofu, token_learner, tome, topk", out.stderr), out.stderr
     # Without --config (train.py's default file) the key is checked before the flag is defined,
     # which is when ml_collections would otherwise fail on it with a bare AttributeError.
     out = _run_cli("train.py", "--workdir", str(tmp_path / "w"), "--config.model.dpeth=3")

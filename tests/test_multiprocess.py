@@ -21,6 +21,8 @@ import pytest
 from jax_tokens import data as data_lib
 from jax_tokens.train import launch
 
+# One xdist worker runs this module, so the module-scoped runs happen once.
+pytestmark = pytest.mark.xdist_group("multiprocess")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 16, 8
 TINY = ["--config.model.patch_size=7", "--config.model.embed_dim=32", "--config.model.depth=2",
@@ -28,6 +30,7 @@ TINY = ["--config.model.patch_size=7", "--config.model.embed_dim=32", "--config.
         "--config.train.batch_size=32", "--config.train.warmup_steps=4",
         "--config.train.log_every=4", "--config.train.progress=False",
         "--config.data.num_threads=1", "--config.eval.batch_size=128",
+        "--config.eval.at_end=False",
         f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.keep=2"]
 CONFIGS = {"tome": "fashion_mnist_tome.py", "evit": "fashion_mnist_evit.py"}
 REDUCTION = {"tome": ["--config.model.reduction.r=2"],

@@ -114,6 +114,12 @@ STRATEGIES = {
         lambda c, **kw: reducers.get("dpcknn")(layers=(0,), num_clusters=(c,), **kw),
         c=st.integers(1, _prunable(lay)), k=st.integers(1, _prunable(lay)),
         equal_weight=st.booleans(), noise=st.booleans()),
+    "mctf": lambda lay: st.builds(
+        reducers.get("mctf"),
+        r=st.integers(0, (lay.num_tokens - int(lay.class_token) - int(lay.distill_token)) // 2),
+        bidirection=st.booleans(), one_step_ahead=st.sampled_from([0, 1, 2]),
+        pooling=st.sampled_from([0, 1, 3]), tau_sim=st.sampled_from([0.0, 1.0, 2.0]),
+        tau_info=st.sampled_from([0.0, 20.0]), tau_size=st.sampled_from([0.0, 40.0])),
     "token_learner": lambda lay: st.builds(
         lambda m: reducers.get("token_learner")(layers=(0,), num_tokens=m),
         m=st.integers(1, _prunable(lay) - 1)),
@@ -230,7 +236,7 @@ def test_reducer_properties(method):
 
 
 @pytest.mark.parametrize("method", ["tome", "topk", "evit", "token_learner", "tofu", "diffrate",
-                                    "ppt", "atc", "pitome"])
+                                    "ppt", "atc", "pitome", "mctf"])
 def test_smallest_and_largest_budgets(method):
     """The extreme legal budgets, explicitly (hypothesis may or may not draw them)."""
     layout = reducers.TokenLayout(depth=1, num_tokens=11, num_prefix_tokens=1,
@@ -251,7 +257,8 @@ def test_smallest_and_largest_budgets(method):
                "atc": [dict(layers=(0,), num_clusters=1, linkage="single"),
                        dict(layers=(0,), num_clusters=m - 1, prop_attn=False)],
                "pitome": [dict(r=1, variant="pitome_bsm"), dict(r=5, variant="pitome"),
-                          dict(r=5, variant="pitome_bsm"), dict(r=5, variant="bsm")]}[method]
+                          dict(r=5, variant="pitome_bsm"), dict(r=5, variant="bsm")],
+               "mctf": [dict(r=0), dict(r=5, pooling=0), dict(r=5, bidirection=False)]}[method]
     for kw in budgets:
         red = reducers.get(method)(**kw)
         spec = red.schedule(layout)[0]

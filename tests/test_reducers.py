@@ -155,6 +155,7 @@ EXAMPLES = {
     "pitome": dict(ratio=0.75),
     "kmedoids": dict(layers=(1,), keep_rate=0.5),
     "dpcknn": dict(layers=(1,), keep_rate=0.5, k=3),
+    "mctf": dict(r=3),
 }
 
 

@@ -27,6 +27,15 @@ MESHES = {  # name -> (mesh config, preset)
     "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),
 }
 REDUCERS = ("tome", "evit", "lookup")
+# The merging family on the data-parallel mesh only (17 tokens, depth 2).
+DP_FAMILY = {"mctf": dict(r=2), "pitome": dict(ratio=0.8), "diffrate": dict(
+    prune_kept=(17, 15), merge_kept=(15, 12)), "atc": dict(layers=(1,), num_clusters=8),
+    "kmedoids": dict(layers=(1,), keep_rate=0.5),
+    # DPC-KNN with its learned token weights runs outside the per-device shard_map (a learned
+    # reducer's parameters stay out of it) and XLA all-gathers its top-k: measured 4
+    # all-gathers. Its parameter-free form is checked here.
+    "dpcknn": dict(layers=(1,), keep_rate=0.5, equal_weight=True),
+    "tofu": dict(r=2, prune_layers=1), "ppt": dict(r=2, layers=(0, 1))}
 # 8 CPU devices; the programs are tiny and compiling dominates the runtime, so compile cheaply
 # (no LLVM optimisation, no fusion emitters: about 3x faster to compile on XLA:CPU).
 WORKER_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
@@ -203,6 +212,27 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
             out[red] = res
         return out
 
+    # -- 1b. the merging family: the data-parallel step == one device, no activation moves ---
+    @section("dp_family")
+    def _():
+        from jax_tokens import reducers
+        out = {}
+        mesh, rules = mesh_for("8x1x1")
+        for name, kw in DP_FAMILY.items():
+            cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
+                            depth=2, num_heads=2, mlp_ratio=4.0, attn_impl="xla",
+                            reduction=reducers.get(name)(**kw))
+            ref = Run(cfg, single, shd.axis_rules("dp"))
+            host = jax.device_get((ref.params, ref.rest))
+            ref_loss, ref_grads = ref()
+            run = Run(cfg, mesh, rules, host=host)
+            loss, grads = run()
+            out[name] = {"loss": abs(float(loss) - float(ref_loss)),
+                         "grads": max_diff(grads, ref_grads),
+                         "params": max_diff(run.params, ref.params),
+                         "collectives": distributed.collective_counts(run.compiled.as_text())}
+        return out
+
     # -- 2. Pallas attention inside jax.shard_map (interpret mode on CPU) ---------------------
     @section("pallas")
     def _():
@@ -308,6 +338,9 @@ if __name__ != "__main__":
     import jax
     import pytest
     from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    # One xdist worker runs this module, so the 8-device worker process starts once.
+    pytestmark = pytest.mark.xdist_group("sharding_worker")
 
     from jax_tokens import distributed
     from jax_tokens import sharding as shd
@@ -489,6 +522,17 @@ if __name__ != "__main__":
         assert dp["all-gather"] == 0 and dp["all-to-all"] == 0, dp
         assert dp["all-reduce"] > 0, dp                     # gradients and the loss
         assert res["2x4x1"]["collectives"]["all-gather"] > 0, res["2x4x1"]["collectives"]
+
+    @pytest.mark.parametrize("reducer", sorted(DP_FAMILY))
+    def test_merging_family_data_parallel_equals_one_device(report, reducer):
+        """Each merging / clustering reducer in the 8-device data-parallel step: loss,
+        gradients and updated parameters equal one device, and no all-gather / all-to-all
+        (the matching runs on each device's own examples)."""
+        e = _section(report, "dp_family")[reducer]
+        for what in ("loss", "grads", "params"):
+            assert e[what] <= TOL, (what, e)
+        c = e["collectives"]
+        assert c["all-gather"] == 0 and c["all-to-all"] == 0, c
 
     @pytest.mark.parametrize("reducer", ("tome", "evit"))
     def test_pallas_attention_runs_in_shard_map(report, reducer):

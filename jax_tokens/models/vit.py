@@ -8,7 +8,11 @@
 Blocks are pre-norm (attention, reducer, MLP). The reducer (any registered in
 `jax_tokens.reducers`, picked by `ViTConfig.reduction`) runs between attention and MLP, as ToMe
 and EViT place it, and gets the statistics it asks for from the attention call itself
-(`jax_tokens.attention.attention(..., stats=...)`), so attention is never recomputed. The whole
+(`jax_tokens.attention.attention(..., stats=...)`), so attention is never recomputed. A reducer
+may ask (`Reducer.placement`) to run after the MLP instead, or before the attention on the
+block's input: then the block computes its input's attention probabilities, the reducer
+reduces the input, and the attention of the reduced tokens uses the probabilities the reducer
+derives from them (MCTF's one-step-ahead attention, `Reducer.reduce_attention`). The whole
 per-layer schedule (tokens in and out of every block) comes from the reducer in Python before
 tracing: every shape is static and the model compiles once per config. A learned reducer's
 module (TokenLearner) is owned by the block it runs in (`blocks.<l>.reducer`).
@@ -142,8 +146,12 @@ class ViTConfig(PatchGrid):
         red = self.reduction if reduction is None else reducers.from_config(reduction)
         layout = self.layout()
         specs = red.schedule(layout)
+        # A reducer placed "before" the attention leaves it n_out tokens (the input tokens'
+        # probabilities are its own work); one placed "after" the MLP leaves it n_in.
+        place = [red.placement(s) if s.active else "mid" for s in specs]
         total = sched.vit_flops(
-            tokens_in=[s.n_in for s in specs], tokens_mid=[s.n_out for s in specs],
+            tokens_in=[s.n_out if p == "before" else s.n_in for s, p in zip(specs, place)],
+            tokens_mid=[s.n_in if p == "after" else s.n_out for s, p in zip(specs, place)],
             dim=self.embed_dim, mlp_hidden=self.mlp_hidden, num_patches=self.num_patches,
             patch_dim=self.in_chans * self.patch_size ** 2, num_classes=self.num_classes)
         total += sum(red.flops(layout, s) for s in specs if s.active)
@@ -208,8 +216,35 @@ class Attention(nnx.Module):
                           axes=("embed", "qkv"))
         self.proj = _dense(rngs, dim, dim, dtype=dtype, axes=("heads", "embed"))
 
-    def __call__(self, x, *, key_size=None, stats=()):
+    def _project(self, x, part: slice):
+        """The q, k or v columns of the qkv projection (part: a slice of them) without
+        computing the others."""
+        lin = self.qkv
+        kernel = lin.kernel[...][:, part]
+        bias = lin.bias[...][part] if lin.bias is not None else None
+        x, kernel, bias = lin.promote_dtype((x, kernel, bias), dtype=lin.dtype)
+        y = lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=lin.precision)
+        return y if bias is None else y + bias
+
+    def probabilities(self, x, *, key_size=None):
+        """[B, N, C] -> the attention probabilities [B, H, N, N] (fp32, differentiable, plain
+        XLA; log(key_size) added to the logits): for reducers placed before the attention."""
         b, n, c = x.shape
+        d = c // self.num_heads
+        qk = self._project(x, slice(0, 2 * c)).reshape(b, n, 2, self.num_heads, d)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", qk[:, :, 0], qk[:, :, 1],
+                            preferred_element_type=jnp.float32) * d ** -0.5
+        if key_size is not None:
+            logits = logits + jnp.log(key_size.astype(jnp.float32))[:, None, None, :]
+        return jax.nn.softmax(logits, axis=-1)
+
+    def __call__(self, x, *, key_size=None, stats=(), probs=None):
+        b, n, c = x.shape
+        if probs is not None:   # given probabilities [B, H, N, N] (MCTF's one-step-ahead)
+            v = self._project(x, slice(2 * c, 3 * c)).reshape(b, n, self.num_heads, -1)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                             preferred_element_type=jnp.float32).astype(v.dtype)
+            return self.proj(out.reshape(b, n, c)), {}
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # A plain `attention` call, wrapped in jax.shard_map for Pallas under a mesh.
@@ -234,11 +269,28 @@ class Block(nnx.Module):
             self.ls1 = self.ls2 = None
         self.reducer = reducer   # a learned reducer's module (e.g. TokenLearner), or None
 
-    def attend(self, x, *, key_size=None, stats=()):
-        h, st = self.attn(self.norm1(x), key_size=key_size, stats=stats)
+    def attend(self, x, *, key_size=None, stats=(), probs=None):
+        h, st = self.attn(self.norm1(x), key_size=key_size, stats=stats, probs=probs)
         if self.ls1 is not None:
             h = self.ls1(h)
         return x + h, st
+
+    def input_stats(self, x, stats, *, key_size=None):
+        """The statistics of a reducer placed "before" the attention: the differentiable
+        probabilities of the block's input tokens ("probs"), and what derives from them."""
+        probs = self.attn.probabilities(self.norm1(x), key_size=key_size)
+        out = {}
+        for name in stats:
+            if name == "probs":
+                out[name] = probs
+            elif name == "key_mass":
+                out[name] = jax.lax.stop_gradient(probs.sum(axis=2))
+            elif name == "cls_probs":
+                out[name] = jax.lax.stop_gradient(probs[:, :, 0])
+            else:
+                raise ValueError(f"statistic {name!r} is not available to a reducer placed "
+                                 "before the attention (only probs, key_mass, cls_probs)")
+        return out
 
     def feed_forward(self, x):
         h = self.mlp(self.norm2(x))
@@ -356,7 +408,13 @@ class VisionTransformer(nnx.Module):
             # Sizes enter attention from the second block on (all ones before: log 1 = 0).
             key_size = size[..., 0] if (red.proportional_attention and l > 0) else None
             stats = red.stats(layout, spec) if spec.active else ()
-            x, st = blk.attend(x, key_size=key_size, stats=stats)
+            place = red.placement(spec) if spec.active else "mid"
+            if place == "before":   # the reducer runs on the block's input (one-step-ahead)
+                st = blk.input_stats(x, stats, key_size=key_size)
+            else:
+                x, st = blk.attend(x, key_size=key_size, stats=stats)
+            if place == "after":
+                x = shd.constrain(blk.feed_forward(x), _ACT)
             if spec.active:
                 if red.learned and blk.reducer is None:
                     raise ValueError(f"reducer {red.label()!r} has parameters at block {l}, but "
@@ -369,12 +427,18 @@ class VisionTransformer(nnx.Module):
                                       module=blk.reducer)
 
                 # Selection on each device's own examples under a mesh (no batch all-gather).
+                size_in = size
                 x, size, plan = shd.per_example(run, x, size, st) if red.per_example(spec) \
                     else run(x, size, st)
                 if source_index is not None:
                     source_index = tk.update_source_index(source_index, plan.assignment)
                 plans.append(plan)
-            x = shd.constrain(blk.feed_forward(x), _ACT)
+                if place == "before":   # attention of the reduced tokens: given or afresh
+                    probs = red.reduce_attention(layout, spec, plan, size_in, st)
+                    key_size = size[..., 0] if red.proportional_attention else None
+                    x, _ = blk.attend(x, key_size=key_size, probs=probs)
+            if place != "after":
+                x = shd.constrain(blk.feed_forward(x), _ACT)
         x = self.norm(x)
         if cfg.global_pool == "token":
             feats = x[:, 0]

@@ -10,7 +10,9 @@ what is allowed) and answers every question a model or trainer asks about it:
     reducer.flops(layout, spec[l])           # FLOPs of its own work (matching, predictor, ...)
     reducer.anneal(layout, fraction)         # its budget part-way through a warm-up
     reducer.make_module(layout, spec[l], rngs=...)   # learned reducers: their NNX module
+    reducer.placement(spec[l])               # where in the block it runs ("mid" for most)
     x, size, plan = reducer.reduce(layout, spec[l], x, size, stats, key=..., module=...)
+    reducer.reduce_attention(layout, spec[l], plan, size, stats)   # "before" placement only
 
 Nothing outside `jax_tokens.reducers` asks which method is in use: it asks the reducer. Every
 budget is a Python int (or float turned into an int) at trace time, so `schedule` fixes every
@@ -117,6 +119,31 @@ class Reducer:
     def proportional_attention(self) -> bool:
         """Whether token sizes enter the attention logits as log(size) (ToMe's prop_attn)."""
         return False
+
+    def placement(self, spec: LayerSpec) -> str:
+        """Where the reducer runs in an active block:
+
+          "mid" (the default): after the attention, before the MLP (ToMe, EViT); `reduce`
+            gets the block's attention statistics (`stats`).
+          "before": on the block's input, before its attention (MCTF's one-step-ahead
+            attention). The block computes the attention probabilities of its input tokens in
+            plain XLA (fp32, differentiable) and hands them to `reduce` as stats["probs"] (with
+            "key_mass" / "cls_probs" derived from them when `stats` asks; no other statistic
+            is available here). Then the attention of the reduced tokens uses the
+            [B, H, n_out, n_out] probabilities `reduce_attention` returns, or is computed
+            afresh (with the new sizes) when it returns None.
+          "after": on the block's output, after the MLP, with this block's statistics (MCTF
+            without one-step-ahead).
+        """
+        return "mid"
+
+    def reduce_attention(self, layout: TokenLayout, spec: LayerSpec, plan: Any,
+                         size: jax.Array, stats: dict[str, jax.Array]) -> jax.Array | None:
+        """For placement "before": the attention probabilities [B, H, n_out, n_out] of the
+        reduced tokens, derived from those of the input tokens (`stats`, as `reduce` got them)
+        with the plan `reduce` returned and the input sizes [B, n_in, 1]; None (the default):
+        the block computes the attention of the reduced tokens afresh."""
+        return None
 
     def per_example(self, spec: LayerSpec) -> bool:
         """Whether `reduce` may run on each device's own examples under a mesh
