@@ -46,11 +46,17 @@ REDUCERS = {  # id -> (description, reducer)
     "evit": ("EViT keep 0.7 @ blocks 3,6,9 (fused)", EViT(keep_rate=0.7, layers=(3, 6, 9))),
     "lookup": ("TokenLearner M=49 after block 3", TokenLearner(layers=(3,), num_tokens=49)),
     # The merging family, each at about half the FLOPs of ViT-B/16 (FLOP ratio column).
+    "mctf": ("MCTF r=16 @ blocks 1-11 (one-step-ahead)", reducers.get("mctf")(
+        r=16, layers=tuple(range(1, 12)))),
     "pitome": ("PiToMe ratio 0.88 per block", reducers.get("pitome")(ratio=0.88)),
     "diffrate": ("DiffRate merge 16 per block", reducers.get("diffrate")(
         prune_kept=(197,) + _KEPT[:-1], merge_kept=_KEPT)),
     "atc": ("ATC average, keep 0.5 @ blocks 3,6,9", reducers.get("atc")(
         layers=(3, 6, 9), keep_rate=0.5, linkage="average")),
+    "kmedoids": ("K-Medoids keep 0.5 @ blocks 3,6,9", reducers.get("kmedoids")(
+        layers=(3, 6, 9), keep_rate=0.5)),
+    "dpcknn": ("DPC-KNN keep 0.5 @ blocks 3,6,9 (learned weights)", reducers.get("dpcknn")(
+        layers=(3, 6, 9), keep_rate=0.5)),
     "tofu": ("ToFu r=16 (prune blocks 0-2, MLERP after)", reducers.get("tofu")(
         r=16, prune_layers=3, clamp_r=True)),
     "ppt": ("PPT r=16 every block", reducers.get("ppt")(r=16, layers=tuple(range(12)),
