@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from jax_tokens import checkpoint  # noqa: E402
 from jax_tokens import data as data_lib  # noqa: E402
 from jax_tokens.train import launch  # noqa: E402
 
@@ -30,16 +31,7 @@ CONFIGS = {"tome": ("fashion_mnist_tome.py", ["--config.model.reduction.r=2"]),
 
 
 def _state(workdir, step):
-    import jax
-    import orbax.checkpoint as ocp
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    reader = ocp.PyTreeCheckpointer()
-    meta = reader.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    tree = reader.restore(path, restore_args=jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return checkpoint.read_state_arrays(os.path.join(workdir, "checkpoints"), step)
 
 
 def _losses(workdir):
@@ -91,7 +83,7 @@ def main(argv=None):
     loss_diff = max(abs(lm[k] - ls[k]) for k in ls)
     state_diff = max(float(np.abs(sm[k].astype(np.float64) - ss[k]).max()) for k in ss
                      if ss[k].size)
-    print(f"\n| run | wall s (incl. start-up and compile) | final loss |\n|---|---|---|")
+    print("\n| run | wall s (incl. start-up and compile) | final loss |\n|---|---|---|")
     for label, (work, t) in runs.items():
         losses = _losses(work)
         print(f"| {label} | {t:.1f} | {losses[max(losses)]:.6f} |")

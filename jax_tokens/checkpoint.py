@@ -31,6 +31,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "CheckpointSaveError", "Checkpointer"]
@@ -83,6 +84,20 @@ def _shape_diff(saved: dict, now: dict) -> list[str]:
             (s1, d1), (s2, d2) = saved[key], now[key]
             diff.append(f"{key}: {s1} {d1} vs {s2} {d2}")
     return diff
+
+
+def read_state_arrays(checkpoint_dir: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
+    """The saved train state of `step` as host NumPy arrays {key path: array}, whatever mesh
+    or number of processes wrote it (for inspecting and comparing checkpoints; training
+    restores with `Checkpointer.restore`)."""
+    path = os.path.join(os.fspath(checkpoint_dir), str(step), "state")
+    reader = ocp.PyTreeCheckpointer()
+    meta = reader.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    tree = reader.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpointer:

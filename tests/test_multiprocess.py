@@ -69,18 +69,10 @@ def _losses(workdir):
 
 
 def _state(workdir, step):
-    """Parameters and optimizer state of a checkpoint, as flat {path: array} (read by one
-    process, as a user inspecting a pod's checkpoint would)."""
-    import jax
-    import orbax.checkpoint as ocp
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    reader = ocp.PyTreeCheckpointer()
-    meta = reader.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    tree = reader.restore(path, restore_args=jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    """Parameters and optimizer state of a checkpoint, read by one process (as a user
+    inspecting a pod's checkpoint would)."""
+    from jax_tokens import checkpoint as ckpt_lib
+    return ckpt_lib.read_state_arrays(os.path.join(workdir, "checkpoints"), step)
 
 
 def _max_diff(a, b):
