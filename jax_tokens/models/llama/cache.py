@@ -67,9 +67,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jax_tokens import sharding as shd
+
 __all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
            "evict", "compress", "pad_prompts", "padding_positions", "self_attention_bias",
            "NEG_INF"]
+
+_KV_AXES = (None, "batch", None, "kv_heads", None)   # [L, B, C, KVH, hd]
 
 NEG_INF = -1e30
 """The additive bias of a masked logit (finite: a fully masked row never makes NaNs)."""
@@ -165,7 +169,15 @@ class KVCache:
         return cls(k=jnp.zeros(shape + (cfg.head_dim,), dtype),
                    v=jnp.zeros(shape + (cfg.head_dim,), dtype),
                    pos=jnp.full(shape, -1, jnp.int32), valid=jnp.zeros(shape, bool),
-                   index=jnp.zeros((cfg.num_layers,), jnp.int32))
+                   index=jnp.zeros((cfg.num_layers,), jnp.int32)).constrain()
+
+    def constrain(self) -> "KVCache":
+        """Under an active mesh (`sharding.use_mesh`), keeps the cache split like the
+        activations that write it: the batch over the rules' "batch" axes and the KV heads
+        over their "kv_heads" axes (tensor, under "fsdp_tp"); the identity without a mesh."""
+        return self.replace(k=shd.constrain(self.k, _KV_AXES), v=shd.constrain(self.v, _KV_AXES),
+                            pos=shd.constrain(self.pos, _KV_AXES[:4]),
+                            valid=shd.constrain(self.valid, _KV_AXES[:4]))
 
     def layer(self, l) -> LayerCache:
         """Layer l's cache (a view: k, v [B, C, KVH, hd], ...)."""

@@ -18,6 +18,12 @@ number of stop tokens, the press. Dynamic (no recompile): the prompt ids and mas
 key, temperature, top_p, the stop token ids. Prompts padded to one length (`pad_multiple`)
 share one compiled program; `TRACES` counts how often each function was traced.
 
+Sharding: place the model on a mesh (`model.shard(model, mesh, rules)`) and call these under
+`jax_tokens.sharding.use_mesh(mesh, rules)`: the batch is split over the rules' "batch" axes,
+the parameters and the KV cache as their logical names say (KV heads over "tensor" under
+"fsdp_tp"). The active rules are part of every jit's cache key, so one process can generate
+under several rule sets.
+
 Sampling (`Sampling`): temperature 0 is greedy (argmax); otherwise logits / temperature,
 restricted to the top_k largest (0: all), then to the smallest set whose probability reaches
 top_p (1.0: all), sampled with `jax.random.categorical` and the step's key
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jax_tokens import sharding as shd
 from jax_tokens.models.llama import cache as kvc
 from jax_tokens.models.llama.model import Llama
 
@@ -190,17 +197,17 @@ def _first_stop(out, stop_ids):
     return jnp.where(is_stop, jnp.arange(n)[None], n).min(axis=1, keepdims=True)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "capacity", "press", "cache_dtype"))
-def _prefill_jit(graphdef, params, tokens, mask, *, capacity, press, cache_dtype):
+@partial(jax.jit, static_argnames=("graphdef", "capacity", "press", "cache_dtype", "rules"))
+def _prefill_jit(graphdef, params, tokens, mask, *, capacity, press, cache_dtype, rules):
     TRACES["prefill"] += 1
     return _prefill(nnx.merge(graphdef, params), tokens, mask, capacity=capacity, press=press,
                     cache_dtype=cache_dtype)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy",
-                                   "use_top_p", "pad_id"))
+                                   "use_top_p", "pad_id", "rules"))
 def _decode_jit(graphdef, params, state, key, temperature, top_p, stop_ids, *, max_new_tokens,
-                top_k, greedy, use_top_p, pad_id):
+                top_k, greedy, use_top_p, pad_id, rules):
     TRACES["decode"] += 1
     return _decode(nnx.merge(graphdef, params), state, key, temperature, top_p, stop_ids,
                    max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
@@ -208,10 +215,11 @@ def _decode_jit(graphdef, params, state, key, temperature, top_p, stop_ids, *, m
 
 
 @partial(jax.jit, static_argnames=("graphdef", "capacity", "press", "cache_dtype",
-                                   "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id"))
+                                   "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id",
+                                   "rules"))
 def _generate_jit(graphdef, params, tokens, mask, key, temperature, top_p, stop_ids, *,
                   capacity, press, cache_dtype, max_new_tokens, top_k, greedy, use_top_p,
-                  pad_id):
+                  pad_id, rules):
     TRACES["generate"] += 1
     model = nnx.merge(graphdef, params)
     state, plans = _prefill(model, tokens, mask, capacity=capacity, press=press,
@@ -222,8 +230,8 @@ def _generate_jit(graphdef, params, tokens, mask, key, temperature, top_p, stop_
     return out.replace(plans=plans)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _chunk_jit(graphdef, params, cache, tokens, mask, positions):
+@partial(jax.jit, static_argnames=("graphdef", "rules"), donate_argnames=("cache",))
+def _chunk_jit(graphdef, params, cache, tokens, mask, positions, *, rules):
     TRACES["prefill_chunk"] += 1
     logits, aux = nnx.merge(graphdef, params)(tokens, positions=positions, mask=mask,
                                               cache=cache, logits="last")
@@ -286,7 +294,7 @@ def _settings(model, sampling, stop_tokens, pad_id, key):
     dyn = (key, jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
            stop_ids)
     static = dict(top_k=int(sampling.top_k), greedy=sampling.greedy,
-                  use_top_p=sampling.top_p < 1.0, pad_id=int(pad_id))
+                  use_top_p=sampling.top_p < 1.0, pad_id=int(pad_id), rules=shd.current_rules())
     return dyn, static
 
 
@@ -317,7 +325,8 @@ def prefill(model: Llama, prompts, *, mask=None, capacity: int, max_new_tokens: 
     if chunk_size is None or tokens.shape[1] <= chunk_size:
         state, plans = _run(_prefill_jit, (graphdef, params, jnp.asarray(tokens),
                                            jnp.asarray(mask)),
-                            dict(capacity=capacity, press=press, cache_dtype=dtype),
+                            dict(capacity=capacity, press=press, cache_dtype=dtype,
+                                 rules=shd.current_rules()),
                             timings, "prefill")
         if progress is not None:
             progress(tokens.shape[1], tokens.shape[1])
@@ -333,11 +342,11 @@ def prefill(model: Llama, prompts, *, mask=None, capacity: int, max_new_tokens: 
         args = (graphdef, params, cache, jnp.asarray(tokens[:, sl]), jnp.asarray(mask[:, sl]),
                 jnp.asarray(positions[:, sl]))
         if timings is None:
-            cache, logits = _chunk_jit(*args)
+            cache, logits = _chunk_jit(*args, rules=shd.current_rules())
         else:
             if compiled is None:
                 t0 = time.perf_counter()
-                compiled = _chunk_jit.lower(*args).compile()
+                compiled = _chunk_jit.lower(*args, rules=shd.current_rules()).compile()
                 timings["prefill_compile_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             cache, logits = jax.block_until_ready(compiled(*args[1:]))

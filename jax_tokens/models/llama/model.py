@@ -51,8 +51,8 @@ from jax_tokens import sharding as shd
 from jax_tokens.attention.sharded import attention as mesh_attention
 from jax_tokens.models.llama import cache as kvc
 
-__all__ = ["LlamaConfig", "RopeScaling", "Llama", "create", "RMSNorm", "rope_inv_freq",
-           "apply_rope", "repeat_kv"]
+__all__ = ["LlamaConfig", "RopeScaling", "Llama", "create", "shard", "next_token_loss",
+           "RMSNorm", "rope_inv_freq", "apply_rope", "repeat_kv"]
 
 _ACT = ("batch", "tokens", "embed")
 _axes = shd.logical_axes
@@ -423,7 +423,11 @@ class Llama(nnx.Module):
             start = 0 if cache is None else cache.index[0]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         dt = jnp.dtype(cfg.dtype)
-        x = shd.constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), _ACT)
+        # FSDP-style: the table is gathered whole (over its width) before the lookup, so the
+        # looked-up rows come out split over the batch like the tokens (a lookup into a
+        # width-split table would need an all-to-all and a full rematerialisation).
+        table = shd.constrain(self.embed[...], ("vocab", None))
+        x = shd.constrain(jnp.take(table, tokens, axis=0).astype(dt), _ACT)
         cos, sin = rope_tables(positions, rope_inv_freq(cfg))
         bias = None  # plain causal attention unless padding or explicit positions
         if cache is None and (mask is not None or explicit_positions):
@@ -464,3 +468,31 @@ def create(cfg: LlamaConfig, *, seed: int = 0) -> Llama:
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed))))
     params = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1])()
     return nnx.merge(graphdef, params)
+
+
+def next_token_loss(model: Llama, tokens: jax.Array, mask: jax.Array | None = None,
+                    positions: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of every next token (language-model training loss, float32).
+
+    tokens [B, T] int; mask [B, T] bool (False: padding; a pair counts when both of its
+    tokens are real; default all real); positions as in `Llama.__call__` (default: counted
+    over the real tokens, so left- and right-padded rows give the same loss).
+    """
+    if mask is not None and positions is None:
+        positions = kvc.padding_positions(mask)
+    logits, _ = model(tokens, positions=positions, mask=mask)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if mask is None:
+        return nll.mean()
+    pair = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
+    return (nll * pair).sum() / jnp.maximum(pair.sum(), 1.0)
+
+
+def shard(model: Llama, mesh: jax.sharding.Mesh, rules=None) -> Llama:
+    """Places the model's parameters on `mesh` by their logical axis names and `rules`
+    (`jax_tokens.sharding.axis_rules(preset)`; None: replicated), in place; returns it.
+    Run prefill / decode / training steps under `sharding.use_mesh(mesh, rules)`."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, shd.state_shardings(mesh, state, rules)))
+    return model
