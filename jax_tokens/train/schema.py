@@ -20,7 +20,7 @@ import ast
 import importlib.util
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -129,14 +129,15 @@ def _ignored(key: str, ignore) -> bool:
 # Loading and overriding
 # ----------------------------------------------------------------------------------------------
 
-def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None
-                ) -> ml_collections.ConfigDict:
+def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None, *,
+                check: Callable[[Any], None] | None = None) -> ml_collections.ConfigDict:
     """Loads `path.py` or `path.py:arg` (calls `get_config(arg)`), applies dotted overrides
     ({"model.reduction.r": 8}) and checks the result against the schema.
 
     A `model.reduction.method` override is applied first and switches the reduction group to
     that reducer (keeping the fields both reducers have), so the other overrides can set its
-    fields."""
+    fields. `check` replaces `check_config` for configs of another schema (the LM
+    evaluation's)."""
     path, arg = path_and_arg, None
     if ":" in os.path.basename(path_and_arg):
         path, arg = path_and_arg.rsplit(":", 1)
@@ -163,7 +164,7 @@ def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None
             node[leaf] = value
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.{key}={value!r} has the wrong type: {e}") from None
-    check_config(config)
+    (check_config if check is None else check)(config)
     return config
 
 
@@ -205,10 +206,11 @@ def _unknown(dotted: str, where: str, part: str, valid: Iterable[str], node) -> 
     return msg
 
 
-def check_config(config) -> None:
+def check_config(config, reference=None, value_checks=None) -> None:
     """ConfigError if `config` has a key the schema does not know (listing the valid ones), or
-    lacks a group."""
-    schema = default_config()
+    lacks a group; then the value checks ((key, test, what is allowed) triples). `reference`
+    (default: the training schema, `default_config()`) is a config holding every valid key."""
+    schema = default_config() if reference is None else reference
 
     def walk(node, ref, prefix):
         if prefix[:-1] == _REDUCTION:
@@ -232,8 +234,9 @@ def check_config(config) -> None:
     for key in schema.keys():
         if key not in config:
             raise ConfigError(f"config has no {key!r}; start configs from "
-                              "jax_tokens.train.schema.default_config()")
-    _check_values(config)
+                              "jax_tokens.train.schema.default_config()" if reference is None
+                              else f"config has no {key!r}")
+    _check_values(config, _VALUE_CHECKS if reference is None else value_checks or ())
 
 
 def _is_int(v) -> bool:
@@ -259,10 +262,10 @@ _VALUE_CHECKS = (  # (key, test, what is allowed); a None value passes where the
 )
 
 
-def _check_values(config) -> None:
+def _check_values(config, checks) -> None:
     """ConfigError naming the key, the value and what is allowed, for the numbers every run
     needs (the model's fields are checked by the model config, budgets by the reducer)."""
-    for key, ok, allowed in _VALUE_CHECKS:
+    for key, ok, allowed in checks:
         node = config
         for part in key.split("."):
             node = node[part]
