@@ -274,3 +274,33 @@ def test_traced_scale_raises():
     with pytest.raises(TypeError, match="scale must be a static Python float"):
         jax.jit(lambda s: attention_pallas(q, q, q, backend="gpu", scale=s,
                                            interpret=True))(0.5)
+
+
+@pytest.mark.parametrize("bias_heads", [None, 1, 2, 6])
+def test_grouped_query_attention_equals_repeated_heads(bias_heads):
+    """k / v with 2 heads for q's 6: the same output and statistics as k / v repeated to 6
+    heads (query head i reads KV head i // 3), for the XLA path (grouped, no repeat) and a
+    Pallas kernel (repeated for it); a bias with one row per KV head is shared by its group."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 8, 6, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.float32) for _ in range(2))
+    bias = None if bias_heads is None else jnp.asarray(
+        rng.normal(size=(2, bias_heads, 8, 8)), jnp.float32)
+    rep_bias = bias if bias_heads in (None, 1, 6) else jnp.repeat(bias, 3, axis=1)
+    stats = ("lse", "cls_probs", "key_mass", "mean_key", "probs")
+    want_out, want = attention(q, jnp.repeat(k, 3, 2), jnp.repeat(v, 3, 2), bias=rep_bias,
+                               causal=True, stats=stats, impl="xla")
+    out, st = attention(q, k, v, bias=bias, causal=True, stats=stats, impl="xla")
+    results = [(out, st)]
+    if bias is None:              # the kernels take key sizes, not a bias: no bias case only
+        k6, v6, _ = api.repeat_kv_heads(q, k, v, None)
+        results.append(attention_pallas(q, k6, v6, causal=True, stats=stats, backend="tpu",
+                                        interpret=True))
+    for out, st in results:
+        np.testing.assert_allclose(out, want_out, atol=1e-5)
+        for name in stats:
+            np.testing.assert_allclose(st[name], want[name], atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="k has 4 heads, which must divide q's 6 heads"):
+        attention(q, jnp.zeros((2, 8, 4, 16)), jnp.zeros((2, 8, 4, 16)), impl="xla")
+    with pytest.raises(ValueError, match=r"bias must broadcast .* \(or have k's 2 heads\)"):
+        attention(q, k, v, bias=jnp.zeros((2, 3, 8, 8)), impl="xla")

@@ -25,6 +25,18 @@ def resolve_impl(impl: str) -> str:
     return "xla"
 
 
+def repeat_kv_heads(q, k, v, bias):
+    """k, v (and a bias with KVH heads) repeated to q's H heads, for implementations without
+    grouped-query attention; unchanged when the head counts agree."""
+    h, kvh = q.shape[2], k.shape[2]
+    if kvh == h:
+        return k, v, bias
+    g = h // kvh
+    if bias is not None and bias.shape[1] == kvh and kvh > 1:
+        bias = jnp.repeat(bias, g, axis=1)
+    return jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2), bias
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None,
               key_size: jax.Array | None = None, causal: bool = False,
               stats: Sequence[str] = (), query_index: int | Sequence[int] = 0,
@@ -33,8 +45,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
 
     Args:
       q: [B, Nq, H, D] queries.
-      k, v: [B, Nk, H, D] keys and values.
-      bias: optional additive logits bias broadcastable to [B, H, Nq, Nk].
+      k, v: [B, Nk, KVH, D] keys and values; KVH = H, or a divisor of H for grouped-query
+        attention (query head i reads KV head i // (H / KVH); the XLA path never repeats
+        k and v, the Pallas kernels get them repeated).
+      bias: optional additive logits bias broadcastable to [B, H, Nq, Nk] (or with KVH heads:
+        one bias per KV head, shared by its group).
       key_size: optional [B, Nk] token sizes; adds log(size) to every logit of that key
         (ToMe's proportional attention).
       causal: mask keys after the query (query i sees keys j <= i + Nk - Nq).
@@ -69,5 +84,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
         return xla.attention_xla(q, k, v, **kwargs)
     if impl in ("pallas_tpu", "pallas_gpu"):
         from jax_tokens.attention import pallas  # pylint: disable=import-outside-toplevel
+        k, v, kwargs["bias"] = repeat_kv_heads(q, k, v, bias)
         return pallas.attention_pallas(q, k, v, backend=impl.split("_")[1], **kwargs)
     raise AssertionError(impl)

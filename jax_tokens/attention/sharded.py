@@ -45,6 +45,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
 
 def _shard_mapped_attention(q, k, v, *, stats, impl, mesh, sizes, rules, bias, key_size,
                             causal, query_index, scale):
+    k, v, bias = api.repeat_kv_heads(q, k, v, bias)
     table = shd.rules_dict(rules)
     b, _, h, d = q.shape
     bx = shd.split_axes(table.get("batch", ()), b, sizes)

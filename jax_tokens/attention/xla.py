@@ -27,19 +27,46 @@ def logits_bias(key_size, bias, causal, nq, nk):
     return total
 
 
+def _grouped(q, k, v, extra, scale):
+    """Grouped-query attention without repeating k / v: q [B, Nq, H, D] as [B, Nq, KVH, G, D]
+    (query head i = KV head i // G, group member i % G). Returns the output [B, Nq, H, D] and
+    probs / lse in the [B, H, Nq, Nk] / [B, H, Nq] layout of the plain path."""
+    b, nq, h, d = q.shape
+    nk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q.reshape(b, nq, kvh, g, d), k,
+                        preferred_element_type=jnp.float32) * scale
+    if extra is not None:            # [B|1, 1|H|KVH, Nq|1, Nk] -> [B|1, 1|KVH, 1|G, Nq|1, Nk]
+        e = extra
+        if e.shape[1] == h and g > 1:
+            e = e.reshape(e.shape[0], kvh, g, *e.shape[2:])
+        else:
+            e = e[:, :, None]
+        logits = logits + e
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - lse[..., None])
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32).astype(q.dtype)
+    return out.reshape(b, nq, h, d), probs.reshape(b, h, nq, nk), lse.reshape(b, h, nq)
+
+
 def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
                   stats: Sequence[str] = (), query_index=0, scale=None):
     """See `jax_tokens.attention.attention`."""
-    nq, nk, d = q.shape[1], k.shape[1], q.shape[-1]
+    b, nq, h, d = q.shape
+    nk, kvh = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     extra = logits_bias(key_size, bias, causal, nq, nk)
-    if extra is not None:
-        logits = logits + extra
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32).astype(q.dtype)
+    if kvh == h:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if extra is not None:
+            logits = logits + extra
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        probs = jnp.exp(logits - lse[..., None])
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32).astype(q.dtype)
+    else:
+        out, probs, lse = _grouped(q, k, v, extra, scale)
     result = {}
     for name in stats:
         if name == "lse":

@@ -179,6 +179,25 @@ class KVCache:
                             pos=shd.constrain(self.pos, _KV_AXES[:4]),
                             valid=shd.constrain(self.valid, _KV_AXES[:4]))
 
+    def write_layer(self, l, k: jax.Array, v: jax.Array, positions: jax.Array,
+                    mask: jax.Array | None = None) -> "KVCache":
+        """`LayerCache.write` for layer l, in place: only the T new slots of the stacked
+        arrays are written (k, v [B, T, KVH, hd], positions [B, T], mask [B, T] or None)."""
+        b, t, kvh, _ = k.shape
+        if t > self.capacity:
+            raise ValueError(f"cannot write {t} tokens into a KV cache of capacity "
+                             f"{self.capacity}")
+        at = (l, 0, self.index[l], 0, 0)
+        valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+        pos = jnp.broadcast_to(positions.astype(jnp.int32)[..., None], (b, t, kvh))
+        valid = jnp.broadcast_to(valid[..., None], (b, t, kvh))
+        return self.replace(
+            k=jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at),
+            pos=jax.lax.dynamic_update_slice(self.pos, pos[None], at[:4]),
+            valid=jax.lax.dynamic_update_slice(self.valid, valid[None], at[:4]),
+            index=jax.lax.dynamic_update_index_in_dim(self.index, self.index[l] + t, l, 0))
+
     def layer(self, l) -> LayerCache:
         """Layer l's cache (a view: k, v [B, C, KVH, hd], ...)."""
         return LayerCache(k=self.k[l], v=self.v[l], pos=self.pos[l], valid=self.valid[l],

@@ -289,22 +289,24 @@ class Attention(nnx.Module):
         v = proj(self.v_proj, self.v_bias)
         return q, k, v
 
-    def __call__(self, x, cos, sin, *, bias=None, cache: kvc.LayerCache | None = None,
-                 positions=None, mask=None, stats: Sequence[str] = (), query_index=0,
-                 want_qkv: bool = False):
+    def __call__(self, x, cos, sin, *, bias=None, cache: kvc.KVCache | None = None,
+                 layer=None, positions=None, mask=None, stats: Sequence[str] = (),
+                 query_index=0, want_qkv: bool = False):
+        """With a cache: the new keys / values go into layer `layer` of the stacked cache
+        (only the T new slots are written) and the queries attend over that layer's slots.
+        Keys and values keep their KV heads (grouped-query attention, never repeated)."""
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
-            cache = cache.write(k, v, positions, mask)
-            keys, values = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-            bias = repeat_kv(cache.attention_bias(positions, k.shape[1], mask), self.groups,
-                            axis=1)
+            cache = cache.write_layer(layer, k, v, positions, mask)
+            lc = cache.layer(layer)
+            keys, values = lc.k.astype(q.dtype), lc.v.astype(q.dtype)
+            bias = lc.attention_bias(positions, k.shape[1], mask)      # [B, KVH, T, C]
             causal = False
         else:
             keys, values = k, v
             causal = bias is None
-        out, st = mesh_attention(q, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
-                                 bias=bias, causal=causal, stats=stats, query_index=query_index,
-                                 impl=self.impl)
+        out, st = mesh_attention(q, keys, values, bias=bias, causal=causal, stats=stats,
+                                 query_index=query_index, impl=self.impl)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(out.dtype))
         if want_qkv:
             st = {**st, "queries": q}
@@ -447,9 +449,9 @@ class Llama(nnx.Module):
             def body(carry, xs):
                 h, kv = carry
                 layer_params, l = xs
-                h, lc, st = nnx.merge(graphdef, layer_params)(h, cos, sin, cache=kv.layer(l),
+                h, kv, st = nnx.merge(graphdef, layer_params)(h, cos, sin, cache=kv, layer=l,
                                                               **kw)
-                return (h, kv.set_layer(l, lc)), st
+                return (h, kv), st
 
             (x, cache), layer_stats = jax.lax.scan(
                 body, (x, cache), (params, jnp.arange(cfg.num_layers)))
