@@ -1,7 +1,12 @@
-"""Shared test fixtures: the golden files from the reference implementations."""
+"""Shared test fixtures: the golden files from the reference implementations, and the runner
+of the 8-device worker processes."""
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,3 +29,27 @@ def load_golden(name: str) -> dict:
 @pytest.fixture
 def golden():
     return load_golden
+
+
+# 8 CPU devices; the programs are tiny and compiling dominates the runtime, so compile cheaply
+# (no LLVM optimisation, no fusion emitters: about 3x faster to compile on XLA:CPU).
+EIGHT_DEVICE_XLA_FLAGS = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
+
+
+def run_eight_device_worker(script, report_path, *args, timeout: int = 900) -> dict:
+    """Runs `python script --worker REPORT ARGS...` with 8 simulated CPU devices (XLA_FLAGS
+    must be set before JAX is imported, so the multi-device checks live in a subprocess) and
+    returns its JSON report, plus "wall" (seconds) and "stderr" (the worker's log)."""
+    env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICE_XLA_FLAGS, JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), "--worker", str(report_path),
+                           *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode or not pathlib.Path(report_path).exists():
+        pytest.fail(f"the 8-device worker failed (rc {proc.returncode}):\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    data = json.loads(pathlib.Path(report_path).read_text())
+    data["wall"], data["stderr"] = time.perf_counter() - t0, proc.stderr
+    return data

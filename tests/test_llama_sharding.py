@@ -8,13 +8,8 @@ read.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
 import sys
-import time
-import traceback
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -27,12 +22,11 @@ MESHES = {  # name -> (mesh config, preset)
 LENGTHS = (16, 9, 12, 16, 5, 14, 16, 11)   # 8 prompts, left-padded to 16 tokens
 NEW_TOKENS = 12
 CAPACITY = 32
-WORKER_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                    "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
 
 
 def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subprocess
     sys.path.insert(0, str(ROOT))
+    from worker_report import Report, max_diff
     import jax
     import numpy as np
     import optax
@@ -44,7 +38,7 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
     from jax_tokens.models.llama import generation
 
     assert len(jax.devices()) == 8, jax.devices()
-    report: dict = {"devices": len(jax.devices())}
+    report = Report(report_path, devices=len(jax.devices()))
     cfg = llama.LlamaConfig.tiny(num_heads=4, num_kv_heads=2)
     graphdef, host = nnx.split(llama.create(cfg, seed=0))
     host = jax.device_get(host)
@@ -60,15 +54,6 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, grads
-
-    def flat(tree):
-        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
-        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-
-    def max_diff(a, b):
-        fa, fb = flat(a), flat(b)
-        assert fa.keys() == fb.keys(), sorted(set(fa) ^ set(fb))
-        return max(float(np.max(np.abs(fa[k].astype(np.float64) - fb[k]))) for k in fa)
 
     def spec(x):
         return str(x.sharding.spec)
@@ -112,16 +97,6 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
                     lowered.compile().as_text()))
         return out
 
-    def section(name, fn):
-        t0 = time.perf_counter()
-        try:
-            report[name] = fn()
-        except Exception:  # pylint: disable=broad-except
-            report[name] = {"error": traceback.format_exc()}
-        report[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        with open(report_path, "w") as f:
-            json.dump(report, f, indent=1)
-
     single = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     ref = run(single, shd.axis_rules("dp"))
     for name, (mesh_cfg, preset) in MESHES.items():
@@ -143,29 +118,24 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
                 "num_tokens_equal": bool(np.array_equal(inf["num_tokens"], ri["num_tokens"])),
                 **{k: inf[k] for k in ("cache_spec", "cache_valid_spec", "chunked_cache_spec",
                                        "prefill_collectives")}}
-        section(name, compare)
+        report.section(name, compare)
     report["reference_loss"] = float(ref["train"]["loss"])
     report["done"] = True
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=1)
+    report.save()
 
 
 if __name__ != "__main__":
     import pytest
 
+    from conftest import run_eight_device_worker
+
     pytestmark = pytest.mark.xdist_group("llama_sharding_worker")
 
     @pytest.fixture(scope="module")
     def report(tmp_path_factory):
-        path = tmp_path_factory.mktemp("llama_sharding") / "report.json"
-        env = dict(os.environ, XLA_FLAGS=WORKER_XLA_FLAGS, JAX_PLATFORMS="cpu")
-        proc = subprocess.run([sys.executable, str(HERE), "--worker", str(path)], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if proc.returncode or not path.exists():
-            pytest.fail(f"the 8-device worker failed (rc {proc.returncode}):\n"
-                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        data = json.loads(path.read_text())
-        data["remat_warnings"] = proc.stderr.count("Involuntary full rematerialization")
+        data = run_eight_device_worker(HERE, tmp_path_factory.mktemp("llama_sharding") /
+                                       "report.json")
+        data["remat_warnings"] = data["stderr"].count("Involuntary full rematerialization")
         return data
 
     def _mesh(report, name):

@@ -10,13 +10,9 @@ abstract meshes.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import subprocess
 import sys
-import time
-import traceback
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -36,10 +32,6 @@ DP_FAMILY = {"mctf": dict(r=2), "pitome": dict(ratio=0.8), "diffrate": dict(
     # all-gathers. Its parameter-free form is checked here.
     "dpcknn": dict(layers=(1,), keep_rate=0.5, equal_weight=True),
     "tofu": dict(r=2, prune_layers=1), "ppt": dict(r=2, layers=(0, 1))}
-# 8 CPU devices; the programs are tiny and compiling dominates the runtime, so compile cheaply
-# (no LLVM optimisation, no fusion emitters: about 3x faster to compile on XLA:CPU).
-WORKER_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                    "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
 
 
 # ================================================================================================
@@ -48,6 +40,7 @@ WORKER_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_opti
 
 def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs in a subprocess
     sys.path.insert(0, str(ROOT))
+    from worker_report import Report, max_diff
     import jax
     import numpy as np
     import optax
@@ -62,7 +55,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     from jax_tokens.reducers.topk import TopK
 
     assert len(jax.devices()) == 8, jax.devices()
-    report: dict = {"devices": len(jax.devices())}
+    report = Report(report_path, devices=len(jax.devices()))
 
     reductions = {
         "tome": ToMe(r=2),
@@ -138,15 +131,6 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
                                                                    self.rest, b)
             return loss, grads
 
-    def flat(tree):
-        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
-        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-
-    def max_diff(a, b):
-        fa, fb = flat(a), flat(b)
-        assert fa.keys() == fb.keys(), sorted(set(fa) ^ set(fb))
-        return max(float(np.max(np.abs(fa[k] - fb[k]))) if fa[k].size else 0.0 for k in fa)
-
     def spec_of(tree, key):
         for p, v in jax.tree_util.tree_leaves_with_path(tree):
             if jax.tree_util.keystr(p) == key:
@@ -160,17 +144,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     single = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
     def section(name):
-        def deco(fn):
-            t0 = time.perf_counter()
-            try:
-                report[name] = fn()
-            except Exception:  # pylint: disable=broad-except
-                report[name] = {"error": traceback.format_exc()}
-            report[name]["seconds"] = round(time.perf_counter() - t0, 1)
-            with open(report_path, "w") as f:
-                json.dump(report, f, indent=1)
-            return fn
-        return deco
+        return lambda fn: report.section(name, fn)
 
     # -- 1. one train step on every mesh == one device; HLO collectives -----------------------
     qkv_key = "['blocks'][0]['attn']['qkv']['kernel'].value"
@@ -326,8 +300,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
                 "qkv": str(model.blocks[0].attn.qkv.kernel.get_value().sharding.spec)}
 
     report["done"] = True
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=1)
+    report.save()
 
 
 # ================================================================================================
@@ -342,24 +315,14 @@ if __name__ != "__main__":
     # One xdist worker runs this module, so the 8-device worker process starts once.
     pytestmark = pytest.mark.xdist_group("sharding_worker")
 
+    from conftest import run_eight_device_worker
     from jax_tokens import distributed
     from jax_tokens import sharding as shd
 
     @pytest.fixture(scope="module")
     def report(tmp_path_factory):
         tmp = tmp_path_factory.mktemp("sharding")
-        path = tmp / "report.json"
-        env = dict(os.environ, XLA_FLAGS=WORKER_XLA_FLAGS,
-                   JAX_PLATFORMS="cpu")
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(HERE), "--worker", str(path), str(tmp)],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if proc.returncode or not path.exists():
-            pytest.fail(f"the 8-device worker failed (rc {proc.returncode}):\n"
-                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        data = json.loads(path.read_text())
-        data["wall"] = time.perf_counter() - t0
-        return data
+        return run_eight_device_worker(HERE, tmp / "report.json", tmp)
 
     def _section(report, name):
         sec = report[name]
