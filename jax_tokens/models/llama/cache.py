@@ -27,40 +27,21 @@ every prompt then ends in the same slot, the next token of every example is writ
 same slot, and positions (`padding_positions`) count real tokens only, so an example's
 logits do not depend on how much padding it got.
 
-Presses (the next issue's KV-cache compression: StreamingLLM, H2O, SnapKV, PyramidKV, TOVA,
-Knorm, Expected Attention) plug in after prefill (`compress`, called by
-`generation.prefill(..., press=...)`):
-
-    class MyPress:                                       # hashable (a frozen dataclass)
-        def request(self, n_queries: int) -> PressRequest:
-            # what the prefill should record for every layer: attention statistics over the
-            # cache slots (names from jax_tokens.attention.STATS: "key_mass" [B, H, C] for
-            # H2O, "cls_probs" with query_index=range(n_queries - W, n_queries) ->
-            # [B, H, W, C] for SnapKV's observation window, "lse"), and whether it needs the
-            # prefill's queries (queries=True -> [B, T, H, hd], RoPE applied).
-            return PressRequest(stats=("key_mass",))
-        def plan(self, inputs: PressInputs) -> KVPlan:
-            # inputs: layer (int), keys / values [B, C, KVH, hd], positions / valid
-            # [B, C, KVH], stats (the dict asked for; per *query* head: a press reduces
-            # over each group of cfg.kv_groups heads itself), queries, query_positions
-            # [B, T], groups (query heads per KV head).
-            scores = ...                                    # [B, KVH, C], -inf where invalid
-            kept = jax.lax.top_k(scores, k)[1]              # static k
-            return KVPlan(kept_idx=jnp.sort(kept, axis=-1), n_in=inputs.keys.shape[1])
-
-A plan is data (`KVPlan`: kept slot indices [B, KVH, K] per KV head, K static), like the ViT
-reducers' plans: `plan.apply(x)` gathers any per-slot array [B, C, KVH, ...], `plan.matrix()`
-is the dense one-hot [B, KVH, K, C] view, `plan.assignment` [B, KVH, C] the output slot of
-each input slot (-1: evicted). Eviction (`evict`) is a gather: kept slots move to [0, K) in
-the plan's order, the rest of the capacity is emptied (valid False, pos -1), and `index`
-becomes K, so decoding continues at slot K. Presses that act during decoding (H2O's running
-scores, TOVA) need state carried through the decode loop; that hook is not built yet.
+Presses (`jax_tokens.reducers.presses`: SnapKV, PyramidKV, H2O, TOVA, StreamingLLM, Knorm,
+random; the protocol in `reducers/presses/base.py`, re-exported here) plug in after prefill
+(`compress`, called by `generation.prefill(..., press=...)`): each layer's plan keeps K slots
+per KV head (`KVPlan.kept_idx [B, KVH, K]`, K static). Eviction (`evict`) is a gather: kept
+slots move to [0, K) in the plan's order, the rest of the capacity is emptied (valid False,
+pos -1), and `index` becomes K, so decoding continues at slot K. `compress(..., room=)`
+evicts into a smaller cache (the kept slots + room for the new tokens: the memory a press
+saves while decoding; `generation.prefill` does this). Presses that act
+during decoding (H2O's running scores, TOVA's per-step eviction, StreamingLLM's ring buffer)
+need state carried through the decode loop; that hook is not built yet.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Protocol, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +49,7 @@ import numpy as np
 from flax import struct
 
 from jax_tokens import sharding as shd
+from jax_tokens.reducers.presses.base import KVPlan, Press, PressInputs, PressRequest
 
 __all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
            "evict", "compress", "pad_prompts", "padding_positions", "self_attention_bias",
@@ -267,67 +249,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, length: int | 
 # Presses: plans and eviction
 # --------------------------------------------------------------------------------------------
 
-@struct.dataclass
-class KVPlan:
-    """Which cache slots each KV head keeps: kept_idx [B, KVH, K] int32 (K static, the plan's
-    order is the order in the new cache; sort it to keep position order)."""
-
-    kept_idx: jax.Array
-    n_in: int = struct.field(pytree_node=False)
-
-    @property
-    def n_out(self) -> int:
-        return self.kept_idx.shape[-1]
-
-    @property
-    def assignment(self) -> jax.Array:
-        """[B, KVH, C] int32: the new slot of each old slot, -1 where evicted."""
-        b, h, k = self.kept_idx.shape
-        onehot = self.matrix(jnp.int32)                      # [B, KVH, K, C]
-        slot = jnp.arange(k, dtype=jnp.int32)[None, None, :, None]
-        return jnp.where(onehot.sum(2) > 0, (onehot * slot).sum(2), -1).astype(jnp.int32)
-
-    def matrix(self, dtype=jnp.float32) -> jax.Array:
-        """The dense one-hot view [B, KVH, K, C]."""
-        return jax.nn.one_hot(self.kept_idx, self.n_in, dtype=dtype)
-
-    def apply(self, x: jax.Array) -> jax.Array:
-        """Gathers a per-slot array x [B, C, KVH, ...] -> [B, K, KVH, ...]."""
-        idx = jnp.swapaxes(self.kept_idx, 1, 2)                # [B, K, KVH]
-        idx = idx.reshape(idx.shape + (1,) * (x.ndim - 3))
-        return jnp.take_along_axis(x, idx, axis=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class PressRequest:
-    """What a press needs recorded during prefill, for every layer."""
-
-    stats: tuple[str, ...] = ()
-    query_index: Any = 0
-    queries: bool = False
-
-
-@struct.dataclass
-class PressInputs:
-    """What a press sees for one layer after prefill (see the module docstring)."""
-
-    keys: jax.Array
-    values: jax.Array
-    positions: jax.Array
-    valid: jax.Array
-    stats: dict
-    queries: jax.Array | None
-    query_positions: jax.Array
-    layer: int = struct.field(pytree_node=False)
-    groups: int = struct.field(pytree_node=False)
-
-
-class Press(Protocol):
-    def request(self, n_queries: int) -> PressRequest: ...
-
-    def plan(self, inputs: PressInputs) -> KVPlan: ...
-
-
 def evict(layer: LayerCache, plan: KVPlan, capacity: int | None = None) -> LayerCache:
     """Keeps the plan's slots: they move to slots [0, K) of a cache of `capacity` (default:
     the same capacity), the rest is emptied, and writing continues at slot K."""
@@ -350,11 +271,13 @@ def evict(layer: LayerCache, plan: KVPlan, capacity: int | None = None) -> Layer
 
 
 def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: jax.Array,
-             groups: int) -> tuple[KVCache, list[KVPlan]]:
+             groups: int, *, room: int | None = None) -> tuple[KVCache, list[KVPlan]]:
     """Runs a press on every layer after prefill: builds its `PressInputs` from the cache and
     the statistics the prefill recorded (`layer_stats`: name -> [L, ...], with "queries" when
-    requested), asks for a plan and evicts (a Python loop over layers: each layer's plan may
-    keep a different static number of slots). Returns the new cache and the plans."""
+    requested), asks for a plan (a Python loop over layers: each layer's plan may keep a
+    different static number of slots) and evicts. With `room`, into a new cache of the
+    longest layer's kept slots + room (the memory a press saves while decoding); without, into
+    a cache of the same capacity. Returns the new cache and the plans."""
     plans = []
     for l in range(cache.num_layers):
         st = {name: a[l] for name, a in layer_stats.items()}
@@ -362,8 +285,19 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
         lc = cache.layer(l)
         inputs = PressInputs(keys=lc.k, values=lc.v, positions=lc.pos, valid=lc.valid,
                              stats=st, queries=queries, query_positions=query_positions,
-                             layer=l, groups=groups)
-        plan = press.plan(inputs)
-        plans.append(plan)
-        cache = cache.set_layer(l, evict(lc, plan))
-    return cache, plans
+                             layer=l, groups=groups, num_layers=cache.num_layers)
+        plans.append(press.plan(inputs))
+    longest = max(p.n_out for p in plans)
+    c = cache.capacity if room is None else longest + room
+    if longest > c:
+        raise ValueError(f"the press keeps up to {longest} slots in a layer; a cache of "
+                         f"capacity {c} cannot hold them")
+    out = cache if c == cache.capacity else KVCache(
+        k=jnp.zeros(cache.k.shape[:2] + (c,) + cache.k.shape[3:], cache.k.dtype),
+        v=jnp.zeros(cache.v.shape[:2] + (c,) + cache.v.shape[3:], cache.v.dtype),
+        pos=jnp.full(cache.pos.shape[:2] + (c,) + cache.pos.shape[3:], -1, jnp.int32),
+        valid=jnp.zeros(cache.valid.shape[:2] + (c,) + cache.valid.shape[3:], bool),
+        index=cache.index).constrain()
+    for l, plan in enumerate(plans):
+        out = out.set_layer(l, evict(cache.layer(l), plan, c))
+    return out, plans

@@ -153,7 +153,9 @@ def _prefill(model: Llama, tokens, mask, *, capacity: int, press, cache_dtype):
                         query_index=req.query_index, want_qkv=req.queries, logits="last")
     cache, plans = aux["cache"], []
     if press is not None:
-        cache, plans = kvc.compress(cache, press, aux["stats"], positions, cfg.kv_groups)
+        # the compressed cache keeps the slots the caller reserved for new tokens
+        cache, plans = kvc.compress(cache, press, aux["stats"], positions, cfg.kv_groups,
+                                    room=capacity - t)
     return DecodeState(cache=cache, logits=logits, next_pos=positions[:, -1] + 1), plans
 
 

@@ -1,0 +1,67 @@
+"""StreamingLLM (Xiao et al., ICLR 2024): attention sinks plus a recent window.
+
+    press = StreamingLLM(sinks=4, window=508)
+
+Kept: the first `sinks` tokens and the last `window` tokens of the prompt, in position order,
+the same for every head (the official `StartRecentKVCache`: positions [0, start) and
+[T - recent, T); KVCache-Factory's `StreamingLLMKVCluster` is sinks = capacity - window). A
+prompt of at most sinks + window tokens is kept whole. With left padding the sinks are the
+first *real* tokens of each row (their positions are 0 .. sinks - 1).
+
+Positions: the kept keys carry the RoPE rotation of their original positions, and later
+tokens continue at their true positions (this library's cache stores keys rotated and
+records every slot's position). The paper instead re-assigns positions within the cache
+(rotating keys at attention time, which needs pre-RoPE keys in the cache); that re-indexing
+is not built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jax_tokens.reducers.presses import base
+from jax_tokens.reducers.presses.registry import register
+
+__all__ = ["StreamingLLM"]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(base.Press):
+    """Fields: sinks (first tokens always kept), window (most recent tokens kept)."""
+
+    method: ClassVar[str] = "streaming_llm"
+    sinks: int = 4
+    window: int = 508
+
+    def __post_init__(self):
+        base.check_int("sinks", self.sinks, 0)
+        base.check_int("window", self.window, 0)
+        if self.sinks + self.window < 1:
+            raise ValueError("press.sinks + press.window must be >= 1")
+
+    def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
+        del layer, num_layers
+        return min(self.sinks + self.window, n_prompt)
+
+    def plan(self, inputs: base.PressInputs) -> base.KVPlan:
+        t = inputs.n_prompt
+        b, c, kvh = inputs.valid.shape
+        if t <= self.sinks + self.window:
+            return base.positions_plan(t, b, kvh, c)
+        # sinks: the real tokens at positions < sinks (slots where the row's text begins)
+        pos = jnp.swapaxes(inputs.positions[:, :t], 1, 2)                 # [B, KVH, T]
+        real = jnp.swapaxes(inputs.valid[:, :t], 1, 2)
+        slot = jnp.arange(t)
+        is_sink = real & (pos < self.sinks) & (slot < t - self.window)
+        # the sinks first (position order): score them by -position, the rest -inf
+        s = jnp.where(is_sink, -pos.astype(jnp.float32), -jnp.inf)
+        sinks = jax.lax.top_k(s, self.sinks)[1] if self.sinks else jnp.zeros((b, kvh, 0), int)
+        sinks = jnp.sort(sinks, axis=-1).astype(jnp.int32)
+        win = jnp.broadcast_to(jnp.arange(t - self.window, t, dtype=jnp.int32),
+                               (b, kvh, self.window))
+        return base.KVPlan(kept_idx=jnp.concatenate([sinks, win], axis=-1), n_in=c)
