@@ -14,8 +14,11 @@ the perplexity exp(mean NLL) over every continuation token, its spread over the 
 standard error of the per-sample mean NLL, and the perplexities one standard error either
 side), tokens/s (compile excluded), compile seconds and the KV cache's bytes per sequence.
 
-This is the measurement that KV-cache presses are judged by (kvpress's "perplexity of a
-continuation given a compressed context"); the presses issue adds its `press` group here.
+This is the measurement KV-cache presses are judged by (kvpress's "perplexity of a
+continuation given a compressed context"): `--config.press.method=snapkv
+--config.press.window=32 --config.press.compression_ratio=0.5` compresses every context's
+cache with that press (`jax_tokens.reducers.presses`; setting press.method starts the group
+afresh) before the continuation is read.
 Bad input (unknown keys, bad values, a missing text file, too little text for the samples, a
 missing or unreadable GGUF) prints one `error: ...` line and exits with status 2.
 """
@@ -53,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
         num_samples=16,
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=4, cache_dtype=""))  # "": model dtype
+    # the KV-cache press applied to each context (jax_tokens.reducers.presses): "none" or a
+    # registered name with its fields, e.g. dict(method="snapkv", window=32,
+    # compression_ratio=0.5)
+    c.press = ml_collections.ConfigDict(dict(method="none"), type_safe=False)
     return c
 
 
@@ -74,12 +81,29 @@ _VALUE_CHECKS = (
 
 
 def check_config(config) -> None:
-    """ConfigError naming the key for an unknown key or a bad value."""
+    """ConfigError naming the key for an unknown key or a bad value (the press's fields are
+    checked by the press: `press_from_config`)."""
     schema.check_config(config, default_config(), _VALUE_CHECKS)
+    press_from_config(config)
+
+
+def press_from_config(config):
+    """The config's press (None for "none"); ConfigError naming the bad field."""
+    from jax_tokens.reducers import presses  # pylint: disable=import-outside-toplevel
+    try:
+        return presses.from_config(config.press.to_dict())
+    except (TypeError, ValueError) as e:
+        raise schema.ConfigError(f"config.press: {e}") from None
+
+
+def _switch_press(config, method) -> None:
+    """--config.press.method=NAME starts the press group afresh (other fields follow it)."""
+    config.press = ml_collections.ConfigDict(dict(method=method), type_safe=False)
 
 
 def load_config(path_and_arg: str = DEFAULT_CONFIG, overrides=None) -> ml_collections.ConfigDict:
-    return schema.load_config(path_and_arg, overrides, check=check_config)
+    return schema.load_config(path_and_arg, overrides, check=check_config,
+                              switches={"press.method": _switch_press})
 
 
 def check_files(config) -> None:
@@ -123,6 +147,7 @@ def evaluate(lm, config, *, log=print) -> dict:
 
     contexts, continuations, sources = text_windows(config, lm.encode)
     d, bs = config.data, config.eval.batch_size
+    press = press_from_config(config)
     if d.context_length + d.continuation_length > lm.config.max_position_embeddings:
         raise ValueError(f"config.data.context_length + continuation_length = "
                          f"{d.context_length + d.continuation_length} exceeds the model's "
@@ -136,7 +161,7 @@ def evaluate(lm, config, *, log=print) -> dict:
         t0 = time.perf_counter()
         logp = np.asarray(jax.block_until_ready(continuation_logprobs(
             lm.model, ctx, np.asarray(cont), pad_id=lm.pad_id, pad_multiple=1,
-            cache_dtype=cache_dtype)))
+            cache_dtype=cache_dtype, press=press)))
         batch_s.append(time.perf_counter() - t0)
         n = min(bs, len(contexts) - start)
         nll += [float(-logp[i].mean()) for i in range(n)]
@@ -146,6 +171,10 @@ def evaluate(lm, config, *, log=print) -> dict:
     se = statistics.stdev(nll) / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     timed = batch_s[1:] or batch_s            # the first batch compiles
     capacity = -(-(d.context_length + d.continuation_length) // 64) * 64   # as scoring.py
+    if press is not None and hasattr(press, "n_kept"):   # compressed: kept slots + room
+        layers = lm.config.num_layers
+        kept = max(press.n_kept(d.context_length, l, layers) for l in range(layers))
+        capacity = kept + capacity - d.context_length
     cache = jax.eval_shape(lambda: KVCache.create(lm.config, 1, capacity, cache_dtype))
     return {"num_samples": len(nll), "context_length": d.context_length,
             "continuation_length": d.continuation_length, "mean_nll": mean,
@@ -155,6 +184,7 @@ def evaluate(lm, config, *, log=print) -> dict:
             "tokens_per_s": bs * (d.context_length + d.continuation_length)
             / statistics.median(timed),
             "first_batch_s": batch_s[0], "cache_bytes_per_sequence": cache.nbytes(),
+            "cache_slots": capacity, "press": None if press is None else repr(press),
             "backend": jax.default_backend()}
 
 

@@ -62,3 +62,20 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
         assert lm_eval.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (argv, err)
+
+
+def test_press_group():
+    config = lm_eval.load_config(lm_eval.DEFAULT_CONFIG, {
+        "press.method": "snapkv", "press.window": 16, "press.compression_ratio": 0.5})
+    press = lm_eval.press_from_config(config)
+    assert press.method == "snapkv" and press.window == 16 and press.compression_ratio == 0.5
+    assert lm_eval.press_from_config(lm_eval.load_config()) is None
+    with pytest.raises(ConfigError, match=r"config.press: press.windw is not a field of press "
+                                          r"'snapkv'"):
+        lm_eval.load_config(lm_eval.DEFAULT_CONFIG, {"press.method": "snapkv",
+                                                     "press.windw": 3})
+    with pytest.raises(ConfigError, match=r"config.press: press.compression_ratio=1.5 must be"):
+        lm_eval.load_config(lm_eval.DEFAULT_CONFIG, {"press.method": "knorm",
+                                                     "press.compression_ratio": 1.5})
+    with pytest.raises(ConfigError, match=r"press.method='fastkv' is not one of the registered"):
+        lm_eval.load_config(lm_eval.DEFAULT_CONFIG, {"press.method": "fastkv"})

@@ -107,7 +107,7 @@ RUNTIME_KEYS = frozenset({
 """Keys that may change when a run resumes: they do not change what is computed (a trailing
 "." covers a whole group; a checkpoint restores onto any mesh)."""
 
-_FREE_FORM = ("sharding.rules",)
+_FREE_FORM = ("sharding.rules", "press")   # groups whose keys are not in a schema
 """Groups whose keys are not fixed by the schema."""
 _REDUCTION = "model.reduction"
 """The group whose keys are the fields of its reducer."""
@@ -130,14 +130,17 @@ def _ignored(key: str, ignore) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None, *,
-                check: Callable[[Any], None] | None = None) -> ml_collections.ConfigDict:
+                check: Callable[[Any], None] | None = None,
+                switches: Mapping[str, Callable[[Any, Any], None]] | None = None
+                ) -> ml_collections.ConfigDict:
     """Loads `path.py` or `path.py:arg` (calls `get_config(arg)`), applies dotted overrides
     ({"model.reduction.r": 8}) and checks the result against the schema.
 
     A `model.reduction.method` override is applied first and switches the reduction group to
     that reducer (keeping the fields both reducers have), so the other overrides can set its
-    fields. `check` replaces `check_config` for configs of another schema (the LM
-    evaluation's)."""
+    fields. `check` replaces `check_config` and `switches` ({dotted key: fn(config, value)},
+    applied before the other overrides) the reduction switch, for configs of another schema
+    (the LM evaluation's)."""
     path, arg = path_and_arg, None
     if ":" in os.path.basename(path_and_arg):
         path, arg = path_and_arg.rsplit(":", 1)
@@ -151,9 +154,11 @@ def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None, *
         raise ConfigError(f"config file {path!r} has no get_config() function")
     config = module.get_config(arg) if arg is not None else module.get_config()
     overrides = dict(overrides or {})
-    method_key = _REDUCTION + ".method"
-    if method_key in overrides:
-        switch_reduction(config, overrides.pop(method_key))
+    if switches is None:
+        switches = {_REDUCTION + ".method": switch_reduction}
+    for key, switch in switches.items():
+        if key in overrides:
+            switch(config, overrides.pop(key))
     for key, value in overrides.items():
         _check_key(config, key)
         node = config
