@@ -180,6 +180,12 @@ def test_streaming_llm_matches_official(name):
         np.testing.assert_array_equal(np.asarray(plan.kept_idx), want)
         k_out = np.swapaxes(np.asarray(plan.apply(inputs.keys)), 1, 2)
         np.testing.assert_array_equal(k_out, g["k_out"][layer])
+        # evict_for_space(num_coming): room for the tokens to come
+        space = press.plan_for(inputs, coming=int(g["num_coming"]))
+        want = np.broadcast_to(g["space_kept_idx"], (b, h, g["space_kept_idx"].size))
+        np.testing.assert_array_equal(np.asarray(space.kept_idx), want)
+        np.testing.assert_array_equal(np.swapaxes(np.asarray(space.apply(inputs.keys)), 1, 2),
+                                      g["space_k_out"][layer])
 
 
 def test_knorm_matches_kvpress():
@@ -278,3 +284,146 @@ def test_registry():
         presses.from_config({"method": "snapkv", "windw": 3})
     assert kvc.KVPlan is base.KVPlan and kvc.PressRequest is base.PressRequest
     assert jax.tree.leaves(base.KVPlan(jnp.zeros((1, 1, 2), jnp.int32), 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Eviction while decoding: the official H2O and TOVA caches, step by step
+# --------------------------------------------------------------------------------------------
+
+def _run_decode_steps(g, press):
+    """Prefill + one-token steps through this library's cache (one layer): the prefill's
+    statistics over the cache slots, `compress(decoding=True)`, then per step the new token
+    written to a free slot, the new query's attention over the slots and `decode_evict`.
+    Yields (step, cache) after every call."""
+    from jax_tokens.attention import attention as attn
+    q0, k0, v0 = (np.swapaxes(g[f"step0/{n}"], 1, 2) for n in ("q", "k_new", "v_new"))
+    b, t0, kvh, d = k0.shape
+    groups = q0.shape[2] // kvh
+    n_steps = int(g["n_steps"])
+    cache = kvc.KVCache(k=jnp.zeros((1, b, t0, kvh, d)), v=jnp.zeros((1, b, t0, kvh, d)),
+                        pos=jnp.full((1, b, t0, kvh), -1, jnp.int32),
+                        valid=jnp.zeros((1, b, t0, kvh), bool), index=jnp.zeros((1,), jnp.int32))
+    positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
+    cache = cache.write_layer(0, jnp.asarray(k0), jnp.asarray(v0), positions)
+    req = press.request(t0)
+    _, st = attn(jnp.asarray(q0), cache.k[0], cache.v[0], causal=True, stats=req.stats,
+                 query_index=req.query_index, impl="xla")
+    cache, _, state = kvc.compress(cache, press, {k: v[None] for k, v in st.items()},
+                                   positions, groups, room=n_steps, decoding=True)
+    yield 0, cache
+
+    @jax.jit
+    def step(cache, state, q, k, v, pos):
+        cache = cache.write_layer(0, k, v, pos)
+        layer = cache.layer(0)
+        _, st = attn(q, layer.k, layer.v, bias=layer.attention_bias(pos, 1),
+                     stats=press.decode_stats, impl="xla")
+        return kvc.decode_evict(cache, press, {n: a[None] for n, a in st.items()}, state,
+                                groups)
+
+    for i in range(1, n_steps):
+        q, k, v = (np.swapaxes(g[f"step{i}/{n}"], 1, 2) for n in ("q", "k_new", "v_new"))
+        cache, state = step(cache, state, q, k, v, jnp.full((b, 1), t0 + i - 1, jnp.int32))
+        yield i, cache
+
+
+def _check_cache(g, i, cache):
+    """The cache's valid slots, in position order, hold what the reference's cache holds."""
+    pos, valid = np.asarray(cache.pos[0]), np.asarray(cache.valid[0])      # [B, C, KVH]
+    want_idx, want_k = g[f"step{i}/kept_idx"], g[f"step{i}/k_out"]         # [B, KVH, T']
+    for bi in range(pos.shape[0]):
+        for h in range(pos.shape[2]):
+            slots = np.nonzero(valid[bi, :, h])[0]
+            slots = slots[np.argsort(pos[bi, slots, h])]
+            np.testing.assert_array_equal(pos[bi, slots, h], want_idx[bi, h],
+                                          err_msg=f"step {i}, row {bi}, head {h}")
+            np.testing.assert_array_equal(np.asarray(cache.k[0, bi, slots, h]), want_k[bi, h])
+
+
+@pytest.mark.parametrize("name", ["h2o_seq", "h2o_grow"])
+def test_h2o_decoding_matches_official(name):
+    g = load_golden(f"kv_{name}.npz")
+    press = presses.get("h2o")(heavy=int(g["hh_size"]), recent=int(g["recent_size"]))
+    for i, cache in _run_decode_steps(g, press):
+        _check_cache(g, i, cache)
+        assert int(np.asarray(cache.valid[0, 0, :, 0]).sum()) <= press.decode_budget()
+
+
+def test_tova_decoding_matches_official():
+    g = load_golden("kv_tova_seq_gqa.npz")
+    press = presses.get("tova")(cache_size=int(g["cache_size"]))
+    for i, cache in _run_decode_steps(g, press):
+        _check_cache(g, i, cache)
+        assert cache.capacity == press.cache_size + 1
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on a tiny random decoder: generation, memory, one compile per press
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from jax_tokens.models import llama
+    return llama.create(llama.LlamaConfig.tiny(), seed=5)
+
+
+PROMPTS = [[5, 9, 30, 31, 32, 7, 8, 100, 101, 17, 18, 19], [40, 41, 42, 43, 44, 45, 46],
+           [7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+PRESSES = [
+    presses.get("snapkv")(window=4, capacity=10, kernel_size=3),
+    presses.get("pyramidkv")(window=4, capacity=8),
+    presses.get("h2o")(heavy=6, recent=4),
+    presses.get("tova")(cache_size=10),
+    presses.get("streaming_llm")(sinks=2, window=8),
+    presses.get("knorm")(compression_ratio=0.5),
+    presses.get("random_kv")(compression_ratio=0.5),
+]
+
+
+@pytest.mark.parametrize("press", PRESSES, ids=lambda p: p.method)
+def test_generation_with_a_press(tiny, press):
+    from jax_tokens.models import llama
+    kw = dict(max_new_tokens=12, pad_multiple=16, pad_id=0)
+    plain, _, _, _ = llama.prefill(tiny, PROMPTS, capacity=32, **{k: kw[k] for k in
+                                                                  ("max_new_tokens",
+                                                                   "pad_multiple")})
+    state, _, _, plans = llama.prefill(tiny, PROMPTS, capacity=32, press=press,
+                                       max_new_tokens=12, pad_multiple=16)
+    assert len(plans) == tiny.cfg.num_layers
+    # the compressed cache is smaller: the kept slots + room for 11 tokens, or the decoding
+    # budget + 1 for the presses that evict while decoding
+    budget = press.decode_budget()
+    kept = max(p.n_out for p in plans)
+    want = budget + 1 if budget is not None else kept + 16
+    assert state.cache.capacity == min(want, kept + 16) < plain.cache.capacity
+    out = llama.decode(tiny, state, max_new_tokens=12, press=press)
+    assert out.tokens.shape == (3, 12) and np.asarray(out.tokens).max() < tiny.cfg.vocab_size
+    before = llama.TRACES["generate"]
+    a = llama.generate(tiny, PROMPTS, press=press, **kw)
+    b = llama.generate(tiny, [p[::-1] for p in PROMPTS], press=press, **kw)   # no retrace
+    assert llama.TRACES["generate"] == before + 1
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(out.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+@pytest.mark.parametrize("press", [
+    presses.get("snapkv")(window=4, capacity=16), presses.get("h2o")(heavy=24, recent=8),
+    presses.get("tova")(cache_size=32), presses.get("streaming_llm")(sinks=4, window=29),
+    presses.get("knorm")(capacity=16),
+], ids=lambda p: p.method)
+def test_a_press_with_room_for_everything_changes_nothing(tiny, press):
+    from jax_tokens.models import llama
+    kw = dict(max_new_tokens=12, pad_multiple=16, pad_id=0)
+    want = llama.generate(tiny, PROMPTS, **kw)
+    got = llama.generate(tiny, PROMPTS, press=press, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
+def test_decode_needs_the_decoding_press(tiny):
+    from jax_tokens.models import llama
+    press = presses.get("h2o")(heavy=6, recent=4)
+    state, _, _, _ = llama.prefill(tiny, PROMPTS, capacity=32, press=press, max_new_tokens=8,
+                                   pad_multiple=16)
+    with pytest.raises(ValueError, match=r"decode\(press=...\) must be the press given to "
+                                         r"prefill"):
+        llama.decode(tiny, state, max_new_tokens=8)

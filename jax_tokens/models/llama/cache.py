@@ -52,8 +52,8 @@ from jax_tokens import sharding as shd
 from jax_tokens.reducers.presses.base import KVPlan, Press, PressInputs, PressRequest
 
 __all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
-           "evict", "compress", "pad_prompts", "padding_positions", "self_attention_bias",
-           "NEG_INF"]
+           "evict", "compress", "decode_evict", "pad_prompts", "padding_positions",
+           "self_attention_bias", "NEG_INF"]
 
 _KV_AXES = (None, "batch", None, "kv_heads", None)   # [L, B, C, KVH, hd]
 
@@ -70,6 +70,7 @@ class LayerCache:
     pos: jax.Array
     valid: jax.Array
     index: jax.Array
+    free: jax.Array | None = None     # [B, KVH]: the slot the last token went to (see KVCache)
 
     @property
     def capacity(self) -> int:
@@ -108,13 +109,17 @@ class LayerCache:
         `write`): a real query sees the valid slots whose position is <= its own; a padding
         query (q_mask False) sees only its own slot."""
         c = self.capacity
-        own = jnp.arange(c)[None, :] == (self.index - n_new + jnp.arange(n_new))[:, None]
+        if self.free is not None:                # one token, written to a free slot per head
+            own = (jnp.arange(c)[None, None, :] == self.free[..., None])[:, :, None]
+        else:
+            own = (jnp.arange(c)[None, :] == (self.index - n_new + jnp.arange(n_new))[:, None]
+                   )[None, None]
         pos = jnp.moveaxis(self.pos, 2, 1)[:, :, None, :]           # [B, KVH, 1, C]
         valid = jnp.moveaxis(self.valid, 2, 1)[:, :, None, :]
         seen = valid & (pos <= q_positions[:, None, :, None])
         if q_mask is not None:
             seen = seen & q_mask.astype(bool)[:, None, :, None]
-        seen = seen | own[None, None]
+        seen = seen | own
         return jnp.where(seen, 0.0, NEG_INF).astype(jnp.float32)
 
 @struct.dataclass
@@ -130,6 +135,9 @@ class KVCache:
     pos: jax.Array
     valid: jax.Array
     index: jax.Array
+    # [L, B, KVH] or None: with a press that evicts while decoding, the slot each head writes
+    # its next token to (a slot freed by the press, or never used); None: slot `index`.
+    free: jax.Array | None = None
 
     @property
     def num_layers(self) -> int:
@@ -169,6 +177,8 @@ class KVCache:
         if t > self.capacity:
             raise ValueError(f"cannot write {t} tokens into a KV cache of capacity "
                              f"{self.capacity}")
+        if self.free is not None:
+            return self._write_free(l, k, v, positions, mask)
         at = (l, 0, self.index[l], 0, 0)
         valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
         pos = jnp.broadcast_to(positions.astype(jnp.int32)[..., None], (b, t, kvh))
@@ -180,10 +190,26 @@ class KVCache:
             valid=jax.lax.dynamic_update_slice(self.valid, valid[None], at[:4]),
             index=jax.lax.dynamic_update_index_in_dim(self.index, self.index[l] + t, l, 0))
 
+    def _write_free(self, l, k, v, positions, mask):
+        """One token per example into each head's free slot (a scatter)."""
+        b, t, kvh, _ = k.shape
+        if t != 1:
+            raise ValueError(f"a cache that evicts while decoding takes one token per call; "
+                             f"got {t}")
+        bi, hi, f = jnp.arange(b)[:, None], jnp.arange(kvh)[None, :], self.free[l]
+        valid = jnp.ones((b,), bool) if mask is None else mask[:, 0].astype(bool)
+        return self.replace(
+            k=self.k.at[l, bi, f, hi].set(k[:, 0].astype(self.k.dtype)),
+            v=self.v.at[l, bi, f, hi].set(v[:, 0].astype(self.v.dtype)),
+            pos=self.pos.at[l, bi, f, hi].set(
+                jnp.broadcast_to(positions[:, :1].astype(jnp.int32), (b, kvh))),
+            valid=self.valid.at[l, bi, f, hi].set(jnp.broadcast_to(valid[:, None], (b, kvh))),
+            index=jax.lax.dynamic_update_index_in_dim(self.index, self.index[l] + 1, l, 0))
+
     def layer(self, l) -> LayerCache:
         """Layer l's cache (a view: k, v [B, C, KVH, hd], ...)."""
         return LayerCache(k=self.k[l], v=self.v[l], pos=self.pos[l], valid=self.valid[l],
-                          index=self.index[l])
+                          index=self.index[l], free=None if self.free is None else self.free[l])
 
     def set_layer(self, l, layer: LayerCache) -> "KVCache":
         """This cache with layer l replaced (in place under jit)."""
@@ -194,9 +220,15 @@ class KVCache:
                             index=put(self.index, layer.index))
 
     def nbytes(self) -> int:
-        """Bytes held by the cache (keys, values, positions, validity)."""
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-                   for a in (self.k, self.v, self.pos, self.valid, self.index))
+        """Bytes held by the cache (keys, values, positions, validity, indices)."""
+        arrays = (self.k, self.v, self.pos, self.valid, self.index) + (
+            () if self.free is None else (self.free,))
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+    def with_free_slots(self) -> "KVCache":
+        """This cache with `free` set to each head's first empty slot (decode-time eviction)."""
+        free = jnp.argmax(~self.valid, axis=2).astype(jnp.int32)          # [L, B, KVH]
+        return self.replace(free=shd.constrain(free, (None, "batch", "kv_heads")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,14 +303,19 @@ def evict(layer: LayerCache, plan: KVPlan, capacity: int | None = None) -> Layer
 
 
 def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: jax.Array,
-             groups: int, *, room: int | None = None) -> tuple[KVCache, list[KVPlan]]:
+             groups: int, *, room: int | None = None, decoding: bool = False
+             ) -> tuple[KVCache, list[KVPlan], jax.Array | None]:
     """Runs a press on every layer after prefill: builds its `PressInputs` from the cache and
     the statistics the prefill recorded (`layer_stats`: name -> [L, ...], with "queries" when
     requested), asks for a plan (a Python loop over layers: each layer's plan may keep a
     different static number of slots) and evicts. With `room`, into a new cache of the
     longest layer's kept slots + room (the memory a press saves while decoding); without, into
-    a cache of the same capacity. Returns the new cache and the plans."""
-    plans = []
+    a cache of the same capacity. With `decoding` and a press that evicts while decoding
+    (`press.decode_budget()` not None), the new cache holds at most budget + 1 slots, `free`
+    points at each head's first empty slot and the press's decoding state is returned
+    ([L, B, KVH, C] or None). Returns (cache, plans, state)."""
+    plans, inits = [], []
+    budget = press.decode_budget() if decoding and hasattr(press, "decode_budget") else None
     for l in range(cache.num_layers):
         st = {name: a[l] for name, a in layer_stats.items()}
         queries = st.pop("queries", None)
@@ -286,12 +323,16 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
         inputs = PressInputs(keys=lc.k, values=lc.v, positions=lc.pos, valid=lc.valid,
                              stats=st, queries=queries, query_positions=query_positions,
                              layer=l, groups=groups, num_layers=cache.num_layers)
-        plans.append(press.plan(inputs))
+        plans.append(press.plan(inputs) if budget is None else press.decode_plan(inputs))
+        if budget is not None:
+            inits.append(press.decode_init(inputs, plans[-1]))
     longest = max(p.n_out for p in plans)
     c = cache.capacity if room is None else longest + room
-    if longest > c:
+    if budget is not None:
+        c = min(c, budget + 1)
+    if longest > c or (budget is not None and longest > budget):
         raise ValueError(f"the press keeps up to {longest} slots in a layer; a cache of "
-                         f"capacity {c} cannot hold them")
+                         f"capacity {c} (decoding budget {budget}) cannot hold them")
     out = cache if c == cache.capacity else KVCache(
         k=jnp.zeros(cache.k.shape[:2] + (c,) + cache.k.shape[3:], cache.k.dtype),
         v=jnp.zeros(cache.v.shape[:2] + (c,) + cache.v.shape[3:], cache.v.dtype),
@@ -300,4 +341,21 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
         index=cache.index).constrain()
     for l, plan in enumerate(plans):
         out = out.set_layer(l, evict(cache.layer(l), plan, c))
-    return out, plans
+    state = None
+    if budget is not None:
+        out = out.with_free_slots()
+        if any(x is not None for x in inits):
+            state = jnp.stack([jnp.pad(x.astype(jnp.float32),
+                                       ((0, 0), (0, 0), (0, c - x.shape[-1]))) for x in inits])
+    return out, plans, state
+
+
+def decode_evict(cache: KVCache, press: Press, stats: dict, state, groups: int
+                 ) -> tuple[KVCache, jax.Array | None]:
+    """After a decoding step: the press picks a slot per head to evict (`decode_update`), the
+    slot is emptied and becomes the head's next free slot. Returns (cache, state)."""
+    evicted, state = press.decode_update(state, cache.valid, cache.pos, stats, groups)
+    c = cache.capacity
+    gone = jnp.moveaxis(jnp.arange(c) == evicted[..., None], 3, 2)     # [L, B, C, KVH]
+    cache = cache.replace(valid=cache.valid & ~gone, pos=jnp.where(gone, -1, cache.pos))
+    return cache.with_free_slots(), state

@@ -111,6 +111,7 @@ class DecodeState:
     cache: kvc.KVCache
     logits: jax.Array
     next_pos: jax.Array
+    press_state: jax.Array | None = None   # a press's decoding state (H2O's scores)
 
 
 @struct.dataclass
@@ -143,7 +144,12 @@ def check_lengths(prompt_len: int, max_new_tokens: int, capacity: int,
 # The traced bodies (graphdef / static settings are static arguments)
 # --------------------------------------------------------------------------------------------
 
-def _prefill(model: Llama, tokens, mask, *, capacity: int, press, cache_dtype):
+def _evicts_while_decoding(press) -> bool:
+    return press is not None and getattr(press, "decode_budget", lambda: None)() is not None
+
+
+def _prefill(model: Llama, tokens, mask, *, capacity: int, press, cache_dtype,
+             decoding: bool = True):
     cfg = model.cfg
     b, t = tokens.shape
     cache = kvc.KVCache.create(cfg, b, capacity, cache_dtype)
@@ -151,17 +157,23 @@ def _prefill(model: Llama, tokens, mask, *, capacity: int, press, cache_dtype):
     req = press.request(t) if press is not None else kvc.PressRequest()
     logits, aux = model(tokens, positions=positions, mask=mask, cache=cache, stats=req.stats,
                         query_index=req.query_index, want_qkv=req.queries, logits="last")
-    cache, plans = aux["cache"], []
+    cache, plans, press_state = aux["cache"], [], None
     if press is not None:
-        # the compressed cache keeps the slots the caller reserved for new tokens
-        cache, plans = kvc.compress(cache, press, aux["stats"], positions, cfg.kv_groups,
-                                    room=capacity - t)
-    return DecodeState(cache=cache, logits=logits, next_pos=positions[:, -1] + 1), plans
+        # the compressed cache keeps the slots the caller reserved for new tokens (with a
+        # press that evicts while decoding: its budget + the slot being written)
+        cache, plans, press_state = kvc.compress(cache, press, aux["stats"], positions,
+                                                 cfg.kv_groups, room=capacity - t,
+                                                 decoding=decoding)
+    return DecodeState(cache=cache, logits=logits, next_pos=positions[:, -1] + 1,
+                       press_state=press_state), plans
 
 
 def _decode(model: Llama, state: DecodeState, key, temperature, top_p, stop_ids, *,
-            max_new_tokens: int, top_k: int, greedy: bool, use_top_p: bool, pad_id: int):
+            max_new_tokens: int, top_k: int, greedy: bool, use_top_p: bool, pad_id: int,
+            press=None):
     b = state.logits.shape[0]
+    evicting = _evicts_while_decoding(press)
+    step_stats = tuple(press.decode_stats) if evicting else ()
     pick = partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k,
                    greedy=greedy, use_top_p=use_top_p)
 
@@ -176,18 +188,24 @@ def _decode(model: Llama, state: DecodeState, key, temperature, top_p, stop_ids,
     out0 = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok0)
 
     def cond(carry):
-        step, _, _, _, done, _ = carry
+        step, _, _, _, done, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, pos, prev, done, out = carry
-        logits, aux = model(prev[:, None], positions=pos[:, None], cache=cache, logits="last")
+        step, cache, pos, prev, done, out, pstate = carry
+        logits, aux = model(prev[:, None], positions=pos[:, None], cache=cache, logits="last",
+                            stats=step_stats)
+        cache = aux["cache"]
+        if evicting:
+            cache, pstate = kvc.decode_evict(cache, press, aux["stats"], pstate,
+                                             model.cfg.kv_groups)
         tok, stop = choose(logits, step, done)
         num_done = done | stop
-        return step + 1, aux["cache"], pos + 1, tok, num_done, out.at[:, step].set(tok)
+        return step + 1, cache, pos + 1, tok, num_done, out.at[:, step].set(tok), pstate
 
-    carry = (jnp.asarray(1, jnp.int32), state.cache, state.next_pos, tok0, stop0, out0)
-    _, _, _, _, done, out = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.asarray(1, jnp.int32), state.cache, state.next_pos, tok0, stop0, out0,
+             state.press_state)
+    _, _, _, _, done, out, _ = jax.lax.while_loop(cond, body, carry)
     num = jnp.minimum(_first_stop(out, stop_ids)[:, 0] + 1, max_new_tokens)
     return GenerationOutput(tokens=out, num_tokens=num.astype(jnp.int32), finished=done)
 
@@ -207,13 +225,13 @@ def _prefill_jit(graphdef, params, tokens, mask, *, capacity, press, cache_dtype
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy",
-                                   "use_top_p", "pad_id", "rules"))
+                                   "use_top_p", "pad_id", "rules", "press"))
 def _decode_jit(graphdef, params, state, key, temperature, top_p, stop_ids, *, max_new_tokens,
-                top_k, greedy, use_top_p, pad_id, rules):
+                top_k, greedy, use_top_p, pad_id, rules, press):
     TRACES["decode"] += 1
     return _decode(nnx.merge(graphdef, params), state, key, temperature, top_p, stop_ids,
                    max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
-                   use_top_p=use_top_p, pad_id=pad_id)
+                   use_top_p=use_top_p, pad_id=pad_id, press=press)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "capacity", "press", "cache_dtype",
@@ -228,7 +246,7 @@ def _generate_jit(graphdef, params, tokens, mask, key, temperature, top_p, stop_
                             cache_dtype=cache_dtype)
     out = _decode(model, state, key, temperature, top_p, stop_ids,
                   max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
-                  use_top_p=use_top_p, pad_id=pad_id)
+                  use_top_p=use_top_p, pad_id=pad_id, press=press)
     return out.replace(plans=plans)
 
 
@@ -362,19 +380,23 @@ def prefill(model: Llama, prompts, *, mask=None, capacity: int, max_new_tokens: 
 
 def decode(model: Llama, state: DecodeState, *, max_new_tokens: int,
            sampling: Sampling | None = None, key: jax.Array | None = None,
-           stop_tokens: Sequence[int] = (), pad_id: int = 0,
+           stop_tokens: Sequence[int] = (), pad_id: int = 0, press: kvc.Press | None = None,
            timings: dict | None = None) -> GenerationOutput:
     """Jitted decoding (`lax.while_loop`) from a `DecodeState`; the cache must have room for
-    max_new_tokens - 1 more tokens (checked). `timings` as in `prefill` ("decode_compile_s",
-    "decode_s")."""
+    max_new_tokens - 1 more tokens (checked), unless `press` (the one given to `prefill`)
+    evicts while decoding. `timings` as in `prefill` ("decode_compile_s", "decode_s")."""
+    if _evicts_while_decoding(press) != (state.cache.free is not None):
+        raise ValueError("decode(press=...) must be the press given to prefill when that "
+                         "press evicts while decoding (H2O, TOVA, StreamingLLM), and only then")
     room = state.cache.capacity - int(np.max(np.asarray(state.cache.index)))
-    if max_new_tokens - 1 > room:
+    if state.cache.free is None and max_new_tokens - 1 > room:
         raise ValueError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} free "
                          f"cache slots; the cache has {room}")
     dyn, static = _settings(model, sampling, stop_tokens, pad_id, key)
     graphdef, params = nnx.split(model)
     return _run(_decode_jit, (graphdef, params, state) + tuple(dyn),
-                dict(max_new_tokens=int(max_new_tokens), **static), timings, "decode")
+                dict(max_new_tokens=int(max_new_tokens), press=press, **static), timings,
+                "decode")
 
 
 def generate(model: Llama, prompts, *, max_new_tokens: int, mask=None,

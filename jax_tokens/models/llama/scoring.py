@@ -34,8 +34,10 @@ def _score_jit(graphdef, params, context, mask, continuation, *, capacity, press
     del rules   # part of the cache key only (see generation.py)
     TRACES["score"] += 1
     model = nnx.merge(graphdef, params)
+    # the continuation is read in one call: a press compresses the context only (no
+    # eviction while the continuation is read, as kvpress measures)
     state, _ = _prefill(model, context, mask, capacity=capacity, press=press,
-                        cache_dtype=cache_dtype)
+                        cache_dtype=cache_dtype, decoding=False)
     t = continuation.shape[1]
     positions = state.next_pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     logits, _ = model(continuation, positions=positions, cache=state.cache, logits="all")

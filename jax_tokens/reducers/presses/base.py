@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import struct
 
 __all__ = ["KVPlan", "PressRequest", "PressInputs", "Press", "kept_count", "group_scores",
-           "check_budget", "check_int", "check_choice",
+           "check_budget", "check_int", "check_choice", "fill_count", "evict_where",
            "pool1d", "mask_invalid", "topk_plan", "positions_plan", "window_query_index",
            "GQA_AGGREGATIONS", "POOLINGS"]
 
@@ -110,6 +110,8 @@ class Press:
     Subclasses set `method`, their budget fields, `request` and `plan`."""
 
     method: ClassVar[str] = ""
+    decode_stats: ClassVar[tuple[str, ...]] = ()
+    """Statistics a decoding step must record for `decode_update` (over the cache slots)."""
 
     def request(self, n_prompt: int) -> PressRequest:
         del n_prompt
@@ -117,6 +119,42 @@ class Press:
 
     def plan(self, inputs: PressInputs) -> KVPlan:
         raise NotImplementedError
+
+    # -- eviction while decoding (H2O, TOVA, StreamingLLM): optional --------------------------
+
+    def decode_plan(self, inputs: PressInputs) -> KVPlan:
+        """The prefill's plan when decoding follows (default: `plan`)."""
+        return self.plan(inputs)
+
+    def decode_budget(self) -> int | None:
+        """Slots per head the cache may hold while decoding (it gets one more, the slot the
+        next token is written to); None: the press acts at prefill only."""
+        return None
+
+    def decode_init(self, inputs: PressInputs, plan: KVPlan) -> jax.Array | None:
+        """The decoding state of one layer in the plan's slot order ([B, KVH, K]), or None."""
+        del inputs, plan
+        return None
+
+    def decode_update(self, state, valid: jax.Array, positions: jax.Array, stats: dict,
+                      groups: int) -> tuple[jax.Array, Any]:
+        """After a decoding step wrote one token per example into every layer: which slot each
+        head evicts ([L, B, KVH] int32, -1: none) and the new state. valid / positions
+        [L, B, C, KVH] (the new token included), stats name -> [L, B, H, C] (`decode_stats`
+        of the new token's query), state [L, B, KVH, C] or None."""
+        raise NotImplementedError
+
+
+def fill_count(valid: jax.Array) -> jax.Array:
+    """Valid slots per head: valid [L, B, C, KVH] -> [L, B, KVH]."""
+    return valid.sum(axis=2)
+
+
+def evict_where(scores: jax.Array, candidates: jax.Array, full: jax.Array) -> jax.Array:
+    """The slot (argmin of scores [L, B, KVH, C] over the candidate slots) each full head
+    evicts, -1 where it is not full."""
+    slot = jnp.argmin(jnp.where(candidates, scores, jnp.inf), axis=-1).astype(jnp.int32)
+    return jnp.where(full, slot, -1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,22 @@ the official code handles one batch row and no grouped heads). Kept: the `heavy`
 of the first T - recent, **in position order** (the official cache keeps position order;
 KVCache-Factory's one-shot version orders them by score, the same set), then the last
 `recent` slots. A prompt of at most heavy + recent tokens is kept whole.
+
+While decoding (`decode_update`, the official cache's later calls): every slot's score grows
+by the attention the new token's query gives it (the step's "key_mass", one query row; the
+new token starts with its own column), and once a head holds more than heavy + recent
+tokens it evicts the lowest-scored slot outside the recent window (the `recent` newest
+positions), so the cache never exceeds heavy + recent (+ the slot being written). Scores are
+per example (the official code sums over the batch, which only works for one row).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
 
 from jax_tokens.reducers.presses import base
 from jax_tokens.reducers.presses.registry import register
@@ -31,6 +41,7 @@ class H2O(base.Press):
     gqa_agg ("mean", "max", "sum": a group's query-head scores -> its KV head's)."""
 
     method: ClassVar[str] = "h2o"
+    decode_stats: ClassVar[tuple[str, ...]] = ("key_mass",)
     heavy: int = 64
     recent: int = 64
     gqa_agg: str = "mean"
@@ -57,3 +68,26 @@ class H2O(base.Press):
         s = inputs.stats["key_mass"].astype("float32")[..., :t - self.recent]
         s = base.mask_invalid(base.group_scores(s, inputs.groups, self.gqa_agg), inputs.valid)
         return base.topk_plan(s, self.heavy, c, tail=(t - self.recent, t), sort=True)
+
+    def _scores(self, key_mass: jax.Array, groups: int) -> jax.Array:
+        """[..., H, C] per-query-head attention -> [..., KVH, C] per KV head."""
+        lead, (h, c) = key_mass.shape[:-2], key_mass.shape[-2:]
+        flat = key_mass.astype(jnp.float32).reshape((-1, h, c))
+        return base.group_scores(flat, groups, self.gqa_agg).reshape(lead + (h // groups, c))
+
+    def decode_budget(self) -> int:
+        return self.heavy + self.recent
+
+    def decode_init(self, inputs: base.PressInputs, plan: base.KVPlan) -> jax.Array:
+        s = self._scores(inputs.stats["key_mass"], inputs.groups)          # [B, KVH, C]
+        return jnp.take_along_axis(s, plan.kept_idx, axis=-1)
+
+    def decode_update(self, state, valid, positions, stats, groups):
+        v, p = jnp.moveaxis(valid, 2, 3), jnp.moveaxis(positions, 2, 3)   # [L, B, KVH, C]
+        state = jnp.where(v, state + self._scores(stats["key_mass"], groups), 0.0)
+        newest = jnp.max(jnp.where(v, p, -1), axis=-1, keepdims=True)
+        recent = p > newest - self.recent
+        full = base.fill_count(valid) > self.heavy + self.recent
+        evict = base.evict_where(state, v & ~recent, full)
+        state = jnp.where(jnp.arange(state.shape[-1]) == evict[..., None], 0.0, state)
+        return evict, state

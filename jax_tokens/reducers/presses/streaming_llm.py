@@ -8,6 +8,12 @@ the same for every head (the official `StartRecentKVCache`: positions [0, start)
 prompt of at most sinks + window tokens is kept whole. With left padding the sinks are the
 first *real* tokens of each row (their positions are 0 .. sinks - 1).
 
+While decoding, every new token's query sees the sinks and the last `window` tokens, itself
+included, as with the official cache's `evict_for_space(num_coming=1)` before each token:
+after the prefill (`decode_plan`) and after each step (`decode_update`) the oldest token
+that is not a sink is evicted down to sinks + window - 1 (a ring buffer over the window with
+the sinks pinned; the slot it frees takes the next token).
+
 Positions: the kept keys carry the RoPE rotation of their original positions, and later
 tokens continue at their true positions (this library's cache stores keys rotated and
 records every slot's position). The paper instead re-assigns positions within the cache
@@ -49,19 +55,39 @@ class StreamingLLM(base.Press):
         return min(self.sinks + self.window, n_prompt)
 
     def plan(self, inputs: base.PressInputs) -> base.KVPlan:
-        t = inputs.n_prompt
+        return self.plan_for(inputs, coming=0)
+
+    def decode_plan(self, inputs: base.PressInputs) -> base.KVPlan:
+        return self.plan_for(inputs, coming=1)
+
+    def plan_for(self, inputs: base.PressInputs, coming: int) -> base.KVPlan:
+        """Room for `coming` more tokens: keeps the sinks and the last window - coming
+        tokens once the prompt is longer than sinks + window - coming (the official
+        `evict_for_space(num_coming)`; coming = 0 is its `__call__`)."""
+        t, window = inputs.n_prompt, self.window - coming
         b, c, kvh = inputs.valid.shape
-        if t <= self.sinks + self.window:
+        if window < 0:
+            raise ValueError(f"press.window={self.window} leaves no room for {coming} tokens")
+        if t <= self.sinks + window:
             return base.positions_plan(t, b, kvh, c)
         # sinks: the real tokens at positions < sinks (slots where the row's text begins)
         pos = jnp.swapaxes(inputs.positions[:, :t], 1, 2)                 # [B, KVH, T]
         real = jnp.swapaxes(inputs.valid[:, :t], 1, 2)
-        slot = jnp.arange(t)
-        is_sink = real & (pos < self.sinks) & (slot < t - self.window)
+        is_sink = real & (pos < self.sinks) & (jnp.arange(t) < t - window)
         # the sinks first (position order): score them by -position, the rest -inf
         s = jnp.where(is_sink, -pos.astype(jnp.float32), -jnp.inf)
         sinks = jax.lax.top_k(s, self.sinks)[1] if self.sinks else jnp.zeros((b, kvh, 0), int)
         sinks = jnp.sort(sinks, axis=-1).astype(jnp.int32)
-        win = jnp.broadcast_to(jnp.arange(t - self.window, t, dtype=jnp.int32),
-                               (b, kvh, self.window))
+        win = jnp.broadcast_to(jnp.arange(t - window, t, dtype=jnp.int32), (b, kvh, window))
         return base.KVPlan(kept_idx=jnp.concatenate([sinks, win], axis=-1), n_in=c)
+
+    def decode_budget(self) -> int:
+        if self.window < 1:
+            raise ValueError("decoding with streaming_llm needs press.window >= 1 (the new "
+                             "token is part of the window)")
+        return self.sinks + self.window - 1
+
+    def decode_update(self, state, valid, positions, stats, groups):
+        v, p = jnp.moveaxis(valid, 2, 3), jnp.moveaxis(positions, 2, 3)   # [L, B, KVH, C]
+        full = base.fill_count(valid) > self.decode_budget()
+        return base.evict_where(p.astype(jnp.float32), v & (p >= self.sinks), full), state

@@ -7,6 +7,10 @@ heads (the prefill's "cls_probs" at query_index = T - 1, [B, H, C] -> [B, C]); t
 `cache_size` slots, **in position order**, are kept, the same slots for every KV head (one
 selection per sequence, as the official `TOVACache.reduce`). No sinks and no recent window:
 the budget counts everything. A prompt of at most cache_size tokens is kept whole.
+
+While decoding (`decode_update`): after each new token is written, a sequence holding more
+than cache_size tokens evicts the slot the new query attends to least (head mean), which may
+be the new token itself, as the official cache does at every step.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class TOVA(base.Press):
     """Fields: cache_size (slots kept per sequence)."""
 
     method: ClassVar[str] = "tova"
+    decode_stats: ClassVar[tuple[str, ...]] = ("key_mass",)
     cache_size: int = 512
 
     def __post_init__(self):
@@ -50,3 +55,12 @@ class TOVA(base.Press):
         plan = base.topk_plan(s, self.cache_size, c, sort=True)
         return base.KVPlan(kept_idx=jnp.broadcast_to(plan.kept_idx, (b, kvh, self.cache_size)),
                            n_in=c)
+
+    def decode_budget(self) -> int:
+        return self.cache_size
+
+    def decode_update(self, state, valid, positions, stats, groups):
+        v = jnp.moveaxis(valid, 2, 3)                                     # [L, B, KVH, C]
+        s = stats["key_mass"].astype(jnp.float32).mean(axis=2)[:, :, None]  # [L, B, 1, C]
+        full = base.fill_count(valid) > self.cache_size
+        return base.evict_where(jnp.broadcast_to(s, v.shape), v, full), state
