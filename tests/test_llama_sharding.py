@@ -131,7 +131,7 @@ if __name__ != "__main__":
 
     pytestmark = pytest.mark.xdist_group("llama_sharding_worker")
 
-    @pytest.fixture(scope="module")
+    @pytest.fixture(scope="session")
     def report(tmp_path_factory):
         data = run_eight_device_worker(HERE, tmp_path_factory.mktemp("llama_sharding") /
                                        "report.json")

@@ -39,7 +39,7 @@ REDUCTION = {"tome": ["--config.model.reduction.r=2"],
 LOSS_TOL = PARAM_TOL = 1e-6
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     data_lib.prepare("fashion_mnist", str(d), max_examples_per_split=256)
@@ -80,7 +80,7 @@ def _max_diff(a, b):
     return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a if a[k].size)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(data_dir, tmp_path_factory):
     """{method: (2-process workdir, 1-process workdir)} trained to STEPS."""
     out = {}

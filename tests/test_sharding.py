@@ -319,7 +319,7 @@ if __name__ != "__main__":
     from jax_tokens import distributed
     from jax_tokens import sharding as shd
 
-    @pytest.fixture(scope="module")
+    @pytest.fixture(scope="session")
     def report(tmp_path_factory):
         tmp = tmp_path_factory.mktemp("sharding")
         return run_eight_device_worker(HERE, tmp / "report.json", tmp)
