@@ -19,7 +19,8 @@ Debian's `base-files` package, /usr/share/common-licenses, via `jax_tokens.lm_ev
 Budgets per press at ratio r (kept K = int(context * (1 - r))): SnapKV and PyramidKV with a
 32-token window and compression_ratio r (PyramidKV's K is the per-layer average), H2O with
 recent = 32 and heavy = K - 32, TOVA with cache_size = K, StreamingLLM with 4 sinks and
-window = K - 4, Knorm and random with compression_ratio r.
+window = K - 4, Knorm, Expected Attention (512 future positions, 4 sinks) and random with
+compression_ratio r.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def press_config(method: str, ratio: float, context: int) -> dict:
         "streaming_llm": dict(method="streaming_llm", sinks=4, window=kept - 4),
         "knorm": dict(method="knorm", compression_ratio=ratio),
         "random_kv": dict(method="random_kv", compression_ratio=ratio),
+        "expected_attention": dict(method="expected_attention", compression_ratio=ratio),
     }[method]
 
 
-METHODS = ("snapkv", "pyramidkv", "h2o", "tova", "streaming_llm", "knorm", "random_kv")
+METHODS = ("snapkv", "pyramidkv", "h2o", "tova", "streaming_llm", "knorm",
+           "expected_attention", "random_kv")
 
 
 def decode_speed(lm, ids, press, new_tokens: int, repeats: int) -> float:

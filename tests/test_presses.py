@@ -229,6 +229,7 @@ def _padded_inputs(b=2, length=24, kvh=2, groups=2, pad=(0, 6), seed=0):
     presses.get("streaming_llm")(sinks=4, window=8),
     presses.get("knorm")(compression_ratio=0.5),
     presses.get("random_kv")(capacity=12),
+    presses.get("expected_attention")(capacity=12, n_sink=2, n_future_positions=16),
 ], ids=lambda p: p.method)
 def test_padding_is_never_kept_over_real_tokens(press):
     """Row 1 has 6 padding slots and 18 real tokens: every press keeps 12 (PyramidKV 16) real
@@ -236,6 +237,9 @@ def test_padding_is_never_kept_over_real_tokens(press):
     inputs = _padded_inputs()
     if isinstance(press, presses.get("tova")):      # one query row: [B, H, C]
         inputs = inputs.replace(stats={"cls_probs": inputs.stats["cls_probs"][:, :, -1]})
+    if press.method == "expected_attention":          # raw queries and RoPE frequencies
+        q = jax.random.normal(jax.random.key(1), (2, 24, 4, 8))
+        inputs = inputs.replace(queries=q, inv_freq=1.0 / 10000 ** (jnp.arange(0, 8, 2) / 8))
     plan = press.plan(inputs)
     assert plan.n_out == press.n_kept(24) == (16 if press.method == "pyramidkv" else 12)
     kept_valid = np.asarray(plan.apply(inputs.valid))
@@ -377,6 +381,7 @@ PRESSES = [
     presses.get("streaming_llm")(sinks=2, window=8),
     presses.get("knorm")(compression_ratio=0.5),
     presses.get("random_kv")(compression_ratio=0.5),
+    presses.get("expected_attention")(compression_ratio=0.5, n_future_positions=32),
 ]
 
 
@@ -427,3 +432,31 @@ def test_decode_needs_the_decoding_press(tiny):
     with pytest.raises(ValueError, match=r"decode\(press=...\) must be the press given to "
                                          r"prefill"):
         llama.decode(tiny, state, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("name", ["expattn_gqa", "expattn_nocov_eps"])
+def test_expected_attention_matches_kvpress(name):
+    g = load_golden(f"kv_{name}.npz")
+    hq, d = int(g["num_attention_heads"]), int(g["head_dim"])
+    h = g["hidden_states"]
+    q = (h @ g["q_proj_weight"].T).reshape(h.shape[0], h.shape[1], hq, d)   # before RoPE
+    press = presses.get("expected_attention")(
+        compression_ratio=float(g["compression_ratio"]),
+        n_future_positions=int(g["n_future_positions"]), n_sink=int(g["n_sink"]),
+        use_covariance=bool(g["use_covariance"]), use_vnorm=bool(g["use_vnorm"]),
+        epsilon=float(g["epsilon"]))
+    inputs = _inputs(np.swapaxes(q, 1, 2), g["keys"], g["values"], stats=())
+    inv_freq = 1.0 / (float(g["rope_theta"]) ** (np.arange(0, d, 2) / d))
+    inputs = inputs.replace(queries=jnp.asarray(q, jnp.float32),
+                            inv_freq=jnp.asarray(inv_freq, jnp.float32))
+    from jax_tokens.reducers.presses.expected_attention import expected_attention_scores
+    t = inputs.n_prompt
+    s = expected_attention_scores(inputs.queries, inputs.keys, inputs.values, inputs.valid,
+                                  inputs.positions, inputs.query_positions, inputs.inv_freq,
+                                  n_future=press.n_future_positions, n_sink=press.n_sink,
+                                  use_covariance=press.use_covariance,
+                                  use_vnorm=press.use_vnorm, epsilon=press.epsilon)
+    np.testing.assert_allclose(np.asarray(s), g["scores"], rtol=1e-4, atol=1e-6)
+    plan = press.plan(inputs)
+    assert plan.n_out == int(g["n_kept"]) and t == g["keys"].shape[2]
+    _check_plan(plan, inputs, g, ordered=not _meta(g)["ties_in_kept"])

@@ -303,8 +303,8 @@ def evict(layer: LayerCache, plan: KVPlan, capacity: int | None = None) -> Layer
 
 
 def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: jax.Array,
-             groups: int, *, room: int | None = None, decoding: bool = False
-             ) -> tuple[KVCache, list[KVPlan], jax.Array | None]:
+             groups: int, *, room: int | None = None, decoding: bool = False,
+             inv_freq=None) -> tuple[KVCache, list[KVPlan], jax.Array | None]:
     """Runs a press on every layer after prefill: builds its `PressInputs` from the cache and
     the statistics the prefill recorded (`layer_stats`: name -> [L, ...], with "queries" when
     requested), asks for a plan (a Python loop over layers: each layer's plan may keep a
@@ -322,7 +322,8 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
         lc = cache.layer(l)
         inputs = PressInputs(keys=lc.k, values=lc.v, positions=lc.pos, valid=lc.valid,
                              stats=st, queries=queries, query_positions=query_positions,
-                             layer=l, groups=groups, num_layers=cache.num_layers)
+                             layer=l, groups=groups, num_layers=cache.num_layers,
+                             inv_freq=None if inv_freq is None else jnp.asarray(inv_freq))
         plans.append(press.plan(inputs) if budget is None else press.decode_plan(inputs))
         if budget is not None:
             inits.append(press.decode_init(inputs, plans[-1]))

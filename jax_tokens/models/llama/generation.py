@@ -47,7 +47,7 @@ from flax import nnx, struct
 
 from jax_tokens import sharding as shd
 from jax_tokens.models.llama import cache as kvc
-from jax_tokens.models.llama.model import Llama
+from jax_tokens.models.llama.model import Llama, rope_inv_freq
 
 __all__ = ["Sampling", "DecodeState", "GenerationOutput", "generate", "prefill", "decode",
            "sample_logits", "TRACES", "check_lengths"]
@@ -163,7 +163,8 @@ def _prefill(model: Llama, tokens, mask, *, capacity: int, press, cache_dtype,
         # press that evicts while decoding: its budget + the slot being written)
         cache, plans, press_state = kvc.compress(cache, press, aux["stats"], positions,
                                                  cfg.kv_groups, room=capacity - t,
-                                                 decoding=decoding)
+                                                 decoding=decoding,
+                                                 inv_freq=rope_inv_freq(cfg))
     return DecodeState(cache=cache, logits=logits, next_pos=positions[:, -1] + 1,
                        press_state=press_state), plans
 

@@ -276,26 +276,28 @@ class Attention(nnx.Module):
         self.groups = cfg.kv_groups
         self.impl = cfg.attn_impl
 
-    def project(self, x: jax.Array, cos, sin):
-        """x [B, T, D] -> q [B, T, H, hd], k, v [B, T, KVH, hd] (RoPE applied to q and k)."""
+    def project(self, x: jax.Array, cos, sin, *, raw: bool = False):
+        """x [B, T, D] -> q [B, T, H, hd], k, v [B, T, KVH, hd] (RoPE applied to q and k);
+        with `raw`, also the queries before RoPE."""
         dt = x.dtype
 
         def proj(w, b):
             y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(dt))
             return y if b is None else y + b[...].astype(dt)
 
-        q = apply_rope(proj(self.q_proj, self.q_bias), cos, sin)
+        q_raw = proj(self.q_proj, self.q_bias)
+        q = apply_rope(q_raw, cos, sin)
         k = apply_rope(proj(self.k_proj, self.k_bias), cos, sin)
         v = proj(self.v_proj, self.v_bias)
-        return q, k, v
+        return (q, k, v, q_raw) if raw else (q, k, v)
 
     def __call__(self, x, cos, sin, *, bias=None, cache: kvc.KVCache | None = None,
                  layer=None, positions=None, mask=None, stats: Sequence[str] = (),
-                 query_index=0, want_qkv: bool = False):
+                 query_index=0, want_qkv: bool | str = False):
         """With a cache: the new keys / values go into layer `layer` of the stacked cache
         (only the T new slots are written) and the queries attend over that layer's slots.
         Keys and values keep their KV heads (grouped-query attention, never repeated)."""
-        q, k, v = self.project(x, cos, sin)
+        q, k, v, q_raw = self.project(x, cos, sin, raw=True)
         if cache is not None:
             cache = cache.write_layer(layer, k, v, positions, mask)
             lc = cache.layer(layer)
@@ -309,7 +311,7 @@ class Attention(nnx.Module):
                                  query_index=query_index, impl=self.impl)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(out.dtype))
         if want_qkv:
-            st = {**st, "queries": q}
+            st = {**st, "queries": q_raw if want_qkv == "raw" else q}
         return y, cache, st
 
 
@@ -380,7 +382,7 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  mask: jax.Array | None = None, cache: kvc.KVCache | None = None,
-                 stats: Sequence[str] = (), query_index: Any = 0, want_qkv: bool = False,
+                 stats: Sequence[str] = (), query_index: Any = 0, want_qkv: bool | str = False,
                  logits: str = "all"):
         """Forward pass over T new tokens.
 
@@ -396,7 +398,8 @@ class Llama(nnx.Module):
             `jax_tokens.attention.STATS`). With a cache they are over the cache slots ([B, H,
             C] for "key_mass"), which is what a press needs.
           query_index: the query rows "cls_probs" returns (an int or a sequence of ints).
-          want_qkv: also return every layer's queries [B, T, H, hd] (RoPE applied) under
+          want_qkv: also return every layer's queries [B, T, H, hd] (RoPE applied; "raw":
+            before RoPE) under
             "queries" in the statistics.
           logits: "all" ([B, T, V]), "last" ([B, V], the last position) or "none".
 

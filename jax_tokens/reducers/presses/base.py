@@ -14,7 +14,9 @@ have their padding first, marked invalid):
     stats               name -> array     per *query* head, over the C slots: "cls_probs"
                                           [B, H, W, C] for query_index=(T-W, ..., T-1),
                                           "key_mass" [B, H, C] summed over the T queries
-    queries             [B, T, H, hd]     with PressRequest(queries=True) (RoPE applied)
+    queries             [B, T, H, hd]     with PressRequest(queries=True) (RoPE applied;
+                                          queries="raw": before RoPE)
+    inv_freq            [hd // 2]         the model's RoPE frequencies
     query_positions     [B, T]
     groups              H // KVH          query heads per KV head
 
@@ -80,7 +82,7 @@ class PressRequest:
 
     stats: tuple[str, ...] = ()
     query_index: Any = 0
-    queries: bool = False
+    queries: bool | str = False     # True: queries with RoPE; "raw": before RoPE
 
 
 @struct.dataclass
@@ -97,6 +99,7 @@ class PressInputs:
     layer: int = struct.field(pytree_node=False)
     groups: int = struct.field(pytree_node=False)
     num_layers: int = struct.field(pytree_node=False, default=1)
+    inv_freq: Any = None            # [hd // 2] the model's RoPE frequencies (rotate-half)
 
     @property
     def n_prompt(self) -> int:
