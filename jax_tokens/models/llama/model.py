@@ -50,6 +50,7 @@ from flax import nnx
 from jax_tokens import sharding as shd
 from jax_tokens.attention.sharded import attention as mesh_attention
 from jax_tokens.models.llama import cache as kvc
+from jax_tokens.models.llama.rope import apply_rope, repeat_kv, rope_inv_freq, rope_tables
 
 __all__ = ["LlamaConfig", "RopeScaling", "Llama", "create", "shard", "next_token_loss",
            "RMSNorm", "rope_inv_freq", "apply_rope", "repeat_kv"]
@@ -178,56 +179,6 @@ class LlamaConfig:
                              num_kv_heads=2, head_dim=16, intermediate_size=128,
                              rope_theta=10000.0, max_position_embeddings=512), **kw})
 
-
-# --------------------------------------------------------------------------------------------
-# RoPE
-# --------------------------------------------------------------------------------------------
-
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] (float32) with the config's scaling applied."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    sc = cfg.rope_scaling
-    if sc is not None:
-        if sc.kind == "linear":
-            inv = inv / sc.factor
-        elif sc.kind == "factors":
-            inv = inv / np.asarray(sc.freq_factors, np.float64)
-        elif sc.kind == "llama3":
-            low_wavelen = sc.original_max_positions / sc.low_freq_factor
-            high_wavelen = sc.original_max_positions / sc.high_freq_factor
-            wavelen = 2 * np.pi / inv
-            smooth = (sc.original_max_positions / wavelen - sc.low_freq_factor) / (
-                sc.high_freq_factor - sc.low_freq_factor)
-            mid = (1 - smooth) * inv / sc.factor + smooth * inv
-            inv = np.where(wavelen > low_wavelen, inv / sc.factor,
-                           np.where(wavelen < high_wavelen, inv, mid))
-    return inv.astype(np.float32)
-
-
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, 1, head_dim] (float32) for integer positions [B, T]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, T, H, D]: pairs are (i, i + D/2)."""
-    half = x.shape[-1] // 2
-    xf = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
-
-
-def repeat_kv(x: jax.Array, groups: int, axis: int = 2) -> jax.Array:
-    """KV heads to query heads: KV head j serves query heads j*groups ... j*groups+groups-1."""
-    return x if groups == 1 else jnp.repeat(x, groups, axis=axis)
-
-
-# --------------------------------------------------------------------------------------------
-# Modules
-# --------------------------------------------------------------------------------------------
 
 def _param(rngs, init, shape, dtype, names, layers):
     """A parameter; with `layers`, stacked along a leading layer axis (logical name None)."""
@@ -423,24 +374,52 @@ class Llama(nnx.Module):
             if t > cache.capacity:
                 raise ValueError(f"{t} new tokens do not fit a KV cache of capacity "
                                  f"{cache.capacity}")
-        explicit_positions = positions is not None
         if positions is None:
             start = 0 if cache is None else cache.index[0]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        dt = jnp.dtype(cfg.dtype)
+            explicit = False
+        else:
+            explicit = True
+        x, cache, layer_stats = self.run_layers(
+            self.embed_tokens(tokens), positions, mask=mask, cache=cache, stats=stats,
+            query_index=query_index, want_qkv=want_qkv, causal_only=not explicit)
+        h = self.norm(x)
+        out = None
+        if logits == "all":
+            out = self.logits(h)
+        elif logits == "last":
+            out = self.logits(h[:, -1])
+        return out, {"cache": cache, "stats": layer_stats, "hidden": h}
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, D] in the compute dtype."""
         # FSDP-style: the table is gathered whole (over its width) before the lookup, so the
         # looked-up rows come out split over the batch like the tokens (a lookup into a
         # width-split table would need an all-to-all and a full rematerialisation).
         table = shd.constrain(self.embed[...], ("vocab", None))
-        x = shd.constrain(jnp.take(table, tokens, axis=0).astype(dt), _ACT)
+        x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return shd.constrain(x, _ACT)
+
+    def run_layers(self, x: jax.Array, positions: jax.Array, *, mask=None,
+                   cache: kvc.KVCache | None = None, start: int = 0, stop: int | None = None,
+                   stats: Sequence[str] = (), query_index: Any = 0,
+                   want_qkv: bool | str = False, causal_only: bool = False):
+        """Layers [start, stop) (static) on x [B, T, D] at `positions` [B, T]: a scan over
+        that slice of the stacked layers. Returns (x, cache, stats with a leading [stop -
+        start] axis). Without a cache, `causal_only` skips the padding / position mask."""
+        cfg = self.cfg
+        stop = cfg.num_layers if stop is None else stop
+        b, t = positions.shape
         cos, sin = rope_tables(positions, rope_inv_freq(cfg))
         bias = None  # plain causal attention unless padding or explicit positions
-        if cache is None and (mask is not None or explicit_positions):
+        if cache is None and (mask is not None or not causal_only):
             bias = kvc.self_attention_bias(
                 positions, jnp.ones((b, t), bool) if mask is None else mask)
         kw = dict(positions=positions, mask=mask, stats=tuple(stats), query_index=query_index,
                   want_qkv=want_qkv)
         graphdef, params = nnx.split(self.layers)
+        if (start, stop) != (0, cfg.num_layers):
+            params = jax.tree.map(lambda a: a[start:stop], params)
 
         if cache is None:
             def body(h, layer_params):
@@ -457,14 +436,8 @@ class Llama(nnx.Module):
                 return (h, kv), st
 
             (x, cache), layer_stats = jax.lax.scan(
-                body, (x, cache), (params, jnp.arange(cfg.num_layers)))
-        h = self.norm(x)
-        out = None
-        if logits == "all":
-            out = self.logits(h)
-        elif logits == "last":
-            out = self.logits(h[:, -1])
-        return out, {"cache": cache, "stats": layer_stats, "hidden": h}
+                body, (x, cache), (params, jnp.arange(start, stop)))
+        return x, cache, layer_stats
 
 
 def create(cfg: LlamaConfig, *, seed: int = 0) -> Llama:
