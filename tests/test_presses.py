@@ -460,3 +460,105 @@ def test_expected_attention_matches_kvpress(name):
     plan = press.plan(inputs)
     assert plan.n_out == int(g["n_kept"]) and t == g["keys"].shape[2]
     _check_plan(plan, inputs, g, ordered=not _meta(g)["ties_in_kept"])
+
+
+# --------------------------------------------------------------------------------------------
+# FastV and PyramidDrop: prompt tokens dropped inside the model
+# --------------------------------------------------------------------------------------------
+
+def _numpy_select(scores, start, end, keep):
+    """The papers' rule in NumPy: the top `keep` span tokens by score (ties: the earlier
+    token), in position order, between the untouched prefix and suffix."""
+    out = []
+    for row in np.asarray(scores, np.float64):
+        span = row[start:end]
+        order = sorted(range(len(span)), key=lambda i: (-span[i], i))[:keep]
+        out.append(list(range(start)) + [start + i for i in sorted(order)]
+                   + list(range(end, len(row))))
+    return np.asarray(out)
+
+
+def test_span_selection_matches_numpy():
+    from jax_tokens.reducers.presses.token_drop import select_span
+    rng = np.random.default_rng(0)
+    scores = rng.random((3, 20)).astype(np.float32)
+    scores[1, 5:9] = 0.5                                   # ties inside the span
+    for start, end, keep in ((2, 15, 6), (0, 19, 0), (4, 12, 8)):
+        np.testing.assert_array_equal(np.asarray(select_span(jnp.asarray(scores), start, end,
+                                                             keep)),
+                                      _numpy_select(scores, start, end, keep))
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    from jax_tokens.models import llama
+    return llama.create(llama.LlamaConfig.tiny(num_layers=4), seed=7)
+
+
+def _manual_dropping(model, tokens, stages, span):
+    """Layer segments without a cache: plain causal attention over the current tokens, the
+    last token's head-mean attention of the layer before each drop, `_numpy_select`."""
+    from flax import nnx
+    x = model.embed_tokens(jnp.asarray(tokens))
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    layer, (start, end) = 0, span
+    for k, keep in stages:
+        x, _, st = model.run_layers(x, pos, start=layer, stop=k, stats=("cls_probs",),
+                                    query_index=x.shape[1] - 1, causal_only=True)
+        idx = _numpy_select(np.asarray(st["cls_probs"][-1]).mean(1), start, end, keep)
+        x = jnp.take_along_axis(x, jnp.asarray(idx)[..., None], 1)
+        pos = jnp.take_along_axis(pos, jnp.asarray(idx), 1)
+        end, layer = start + keep, k
+    x, _, _ = model.run_layers(x, pos, start=layer)
+    del nnx
+    return np.asarray(model.logits(model.norm(x)[:, -1])), x.shape[1]
+
+
+@pytest.mark.parametrize("press, kept", [
+    (presses.get("fastv")(layer=2, ratio=0.5, span=(2, -3)), 20 - 15 + 7),
+    (presses.get("pdrop")(layers=(1, 2, 3), keep=0.5, span=(1, 17)), 20 - 16 + 2),
+], ids=["fastv", "pdrop"])
+def test_token_dropping_matches_a_numpy_transcription(tiny4, press, kept):
+    """The cache path (one prefill with the press) equals the layers run segment by segment
+    on the tokens the NumPy rule keeps; the later layers' caches hold only those tokens."""
+    from jax_tokens.models import llama
+    tokens = np.random.default_rng(1).integers(3, 250, (2, 20)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    stages = press.stages(20, 4)
+    want, n = _manual_dropping(tiny4, tokens, stages, press.span_slots(20))
+    assert n == kept
+    state, _, _, plans = llama.prefill(tiny4, tokens, mask=mask, capacity=32, press=press,
+                                       max_new_tokens=4)
+    assert plans == []
+    np.testing.assert_allclose(np.asarray(state.logits), want, atol=1e-4)
+    first = stages[0][0]
+    counts = np.asarray(state.cache.valid[:, 0, :, 0]).sum(-1)     # per layer
+    assert list(counts[:first]) == [20] * first and counts[-1] == kept
+    out = llama.decode(tiny4, state, max_new_tokens=4)
+    assert out.tokens.shape == (2, 4)
+
+
+def test_token_dropping_keeping_everything_changes_nothing(tiny4):
+    from jax_tokens.models import llama
+    kw = dict(max_new_tokens=6, pad_multiple=16, pad_id=0)
+    want = llama.generate(tiny4, PROMPTS, **kw)
+    got = llama.generate(tiny4, PROMPTS, press=presses.get("fastv")(layer=1, ratio=0.0,
+                                                                    span=(0, -2)), **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
+def test_token_dropping_schedules_and_errors():
+    assert presses.get("pdrop")(layers=(8, 16, 24), keep=0.5, span=(10, 110)).stages(
+        128, 30) == ((8, 50), (16, 25), (24, 12))
+    assert presses.get("fastv")(layer=2, ratio=0.75, span=(-90, -10)).stages(
+        100, 30) == ((2, 20),)
+    with pytest.raises(ValueError, match=r"span=\(0, 20\) is slots \[0, 20\) of a 20-token "
+                                         r"prompt: it must .* ends before the last token"):
+        presses.get("fastv")(span=(0, 20)).stages(20, 4)
+    with pytest.raises(ValueError, match=r"drop layer 4 must lie in \[1, 4\)"):
+        presses.get("fastv")(layer=4, span=(0, 5)).stages(20, 4)
+    with pytest.raises(ValueError, match=r"layers=\(3, 2\) must be a non-empty tuple of "
+                                         r"increasing ints"):
+        presses.get("pdrop")(layers=(3, 2))
+    with pytest.raises(ValueError, match=r"ratio=1.0 must be a float in \[0, 1\)"):
+        presses.get("fastv")(ratio=1.0)

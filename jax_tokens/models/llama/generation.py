@@ -148,12 +148,39 @@ def _evicts_while_decoding(press) -> bool:
     return press is not None and getattr(press, "decode_budget", lambda: None)() is not None
 
 
+def _forward_dropping(model: Llama, tokens, positions, mask, cache, press):
+    """The prefill with a prompt-token-dropping press (FastV, PyramidDrop): the layers run in
+    segments; before each drop layer K the span's tokens are scored by the last token's
+    head-mean attention in layer K - 1 and only the kept ones go on (residual stream and the
+    cache of layers K..L-1; positions kept). Returns (last logits [B, V], cache)."""
+    from jax_tokens.reducers.presses.token_drop import select_span  # pylint: disable=C0415
+    t = tokens.shape[1]
+    start, end = press.span_slots(t)
+    x, layer = model.embed_tokens(tokens), 0
+    for k, keep in press.stages(t, model.cfg.num_layers):
+        n = x.shape[1]
+        x, cache, st = model.run_layers(x, positions, mask=mask, cache=cache, start=layer,
+                                        stop=k, stats=("cls_probs",), query_index=n - 1)
+        # slots [0, n) of layer k - 1 hold the current tokens (the prefill wrote from slot 0)
+        scores = st["cls_probs"][-1].astype(jnp.float32).mean(axis=1)[:, :n]     # [B, n]
+        idx = select_span(scores, start, end, keep)
+        x = jnp.take_along_axis(x, idx[..., None], axis=1)
+        positions = jnp.take_along_axis(positions, idx, axis=1)
+        mask = None if mask is None else jnp.take_along_axis(mask, idx, axis=1)
+        end, layer = start + keep, k
+    x, cache, _ = model.run_layers(x, positions, mask=mask, cache=cache, start=layer)
+    return model.logits(model.norm(x)[:, -1]), cache
+
+
 def _prefill(model: Llama, tokens, mask, *, capacity: int, press, cache_dtype,
              decoding: bool = True):
     cfg = model.cfg
     b, t = tokens.shape
     cache = kvc.KVCache.create(cfg, b, capacity, cache_dtype)
     positions = kvc.padding_positions(mask)
+    if getattr(press, "drops_tokens", False):
+        logits, cache = _forward_dropping(model, tokens, positions, mask, cache, press)
+        return DecodeState(cache=cache, logits=logits, next_pos=positions[:, -1] + 1), []
     req = press.request(t) if press is not None else kvc.PressRequest()
     logits, aux = model(tokens, positions=positions, mask=mask, cache=cache, stats=req.stats,
                         query_index=req.query_index, want_qkv=req.queries, logits="last")

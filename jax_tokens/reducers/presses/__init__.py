@@ -20,7 +20,7 @@ from jax_tokens.reducers.presses.registry import PRESSES, fields, from_config, g
 # The built-in presses register themselves on import (one file per method).
 from jax_tokens.reducers.presses import snapkv, pyramidkv, h2o, tova  # noqa: E402,F401
 from jax_tokens.reducers.presses import streaming_llm, knorm, random_kv  # noqa: E402,F401
-from jax_tokens.reducers.presses import expected_attention  # noqa: E402,F401
+from jax_tokens.reducers.presses import expected_attention, token_drop  # noqa: E402,F401
 
 __all__ = ["Press", "PressRequest", "PressInputs", "KVPlan", "PRESSES", "register", "get",
            "names", "fields", "from_config"]
