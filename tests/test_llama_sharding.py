@@ -1,5 +1,5 @@
-"""The decoder on 8 simulated CPU devices: a training step, prefill and generation under the
-"dp", "fsdp" and "fsdp_tp" rules equal one device.
+"""The decoder on 8 simulated CPU devices: a training step, prefill and generation (also with
+KV-cache presses) under the "dp", "fsdp" and "fsdp_tp" rules equal one device.
 
 As in test_sharding.py, the 8-device checks run in one subprocess (this file as a script with
 `--worker`, XLA_FLAGS set before JAX is imported), which writes a JSON report that the tests
@@ -36,6 +36,10 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
     from jax_tokens import sharding as shd
     from jax_tokens.models import llama
     from jax_tokens.models.llama import generation
+    from jax_tokens.reducers import presses
+
+    PRESSES = {"snapkv": presses.get("snapkv")(window=4, capacity=10, kernel_size=3),
+               "h2o": presses.get("h2o")(heavy=6, recent=4)}   # prefill / while decoding
 
     assert len(jax.devices()) == 8, jax.devices()
     report = Report(report_path, devices=len(jax.devices()))
@@ -84,6 +88,9 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
                                              chunk_size=8)
             gen = llama.generate(model, tokens, mask=mask, max_new_tokens=NEW_TOKENS,
                                  capacity=CAPACITY)
+            pressed = {name: np.asarray(llama.generate(
+                model, tokens, mask=mask, max_new_tokens=NEW_TOKENS, capacity=CAPACITY,
+                press=press).tokens) for name, press in PRESSES.items()}
             _, params_now = nnx.split(model)
             lowered = generation._prefill_jit.lower(  # pylint: disable=protected-access
                 graphdef, params_now, toks, msk, capacity=CAPACITY, press=None,
@@ -91,6 +98,7 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
             out["infer"] = dict(
                 logits=state.logits, chunked_logits=chunked.logits, cache_k=state.cache.k,
                 tokens=np.asarray(gen.tokens), num_tokens=np.asarray(gen.num_tokens),
+                pressed=pressed,
                 cache_spec=spec(state.cache.k), cache_valid_spec=spec(state.cache.valid),
                 chunked_cache_spec=spec(chunked.cache.k),
                 prefill_collectives=distributed.collective_counts(
@@ -116,6 +124,8 @@ def _worker(report_path: str) -> None:  # pragma: no cover - runs in a subproces
                 "cache": max_diff(inf["cache_k"], ri["cache_k"]),
                 "tokens_equal": bool(np.array_equal(inf["tokens"], ri["tokens"])),
                 "num_tokens_equal": bool(np.array_equal(inf["num_tokens"], ri["num_tokens"])),
+                "pressed_equal": {n: bool(np.array_equal(inf["pressed"][n], ri["pressed"][n]))
+                                  for n in PRESSES},
                 **{k: inf[k] for k in ("cache_spec", "cache_valid_spec", "chunked_cache_spec",
                                        "prefill_collectives")}}
         report.section(name, compare)
@@ -178,6 +188,13 @@ if __name__ != "__main__":
         r = _mesh(report, mesh)
         assert r["logits"] <= TOL and r["chunked_logits"] <= TOL and r["cache"] <= TOL, r
         assert r["tokens_equal"] and r["num_tokens_equal"], r
+
+    @pytest.mark.parametrize("mesh", list(MESHES))
+    def test_presses_on_a_mesh_equal_one_device(report, mesh):
+        """SnapKV (a prefill plan) and H2O (eviction at every decoding step) on a cache split
+        over the batch (and the KV heads under fsdp_tp) generate what one device does."""
+        r = _mesh(report, mesh)
+        assert r["pressed_equal"] == {"snapkv": True, "h2o": True}, r["pressed_equal"]
 
     def test_kv_cache_is_split_over_batch_and_kv_heads(report):
         dp, fsdp, tp = (_mesh(report, m) for m in MESHES)
