@@ -139,7 +139,6 @@ if __name__ != "__main__":
 
     from conftest import run_eight_device_worker
 
-    pytestmark = pytest.mark.xdist_group("llama_sharding_worker")
 
     @pytest.fixture(scope="session")
     def report(tmp_path_factory):

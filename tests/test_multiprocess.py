@@ -22,7 +22,6 @@ from jax_tokens import data as data_lib
 from jax_tokens.train import launch
 
 # One xdist worker runs this module, so the module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("multiprocess")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 16, 8
 TINY = ["--config.model.patch_size=7", "--config.model.embed_dim=32", "--config.model.depth=2",

@@ -312,8 +312,6 @@ if __name__ != "__main__":
     import pytest
     from jax.sharding import AbstractMesh, PartitionSpec as P
 
-    # One xdist worker runs this module, so the 8-device worker process starts once.
-    pytestmark = pytest.mark.xdist_group("sharding_worker")
 
     from conftest import run_eight_device_worker
     from jax_tokens import distributed
