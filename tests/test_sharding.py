@@ -17,11 +17,8 @@ import sys
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
 TOL = 1e-5
-MESHES = {  # name -> (mesh config, preset)
-    "8x1x1": ({"data": 8, "fsdp": 1, "tensor": 1}, "dp"),
-    "2x4x1": ({"data": 2, "fsdp": 4, "tensor": 1}, "fsdp"),
-    "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),
-}
+sys.path.insert(0, str(HERE.parent))
+from worker_report import MESHES  # noqa: E402  (tests/ is not on sys.path in a worker)
 REDUCERS = ("tome", "evit", "lookup")
 # The merging family on the data-parallel mesh only (17 tokens, depth 2).
 DP_FAMILY = {"mctf": dict(r=2), "pitome": dict(ratio=0.8), "diffrate": dict(

@@ -10,6 +10,12 @@ import traceback
 
 import numpy as np
 
+MESHES = {  # name -> (mesh config, sharding preset): the 8-device layouts both workers check
+    "8x1x1": ({"data": 8, "fsdp": 1, "tensor": 1}, "dp"),
+    "2x4x1": ({"data": 2, "fsdp": 4, "tensor": 1}, "fsdp"),
+    "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),
+}
+
 
 class Report(dict):
     """The worker's findings; `section(name, fn)` stores fn()'s dict (or the traceback of what

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["KVPlan", "PressRequest", "PressInputs", "Press", "kept_count", "group_scores",
+__all__ = ["KVPlan", "PressRequest", "PressInputs", "Press", "RatioPress", "kept_count",
+           "group_scores",
            "check_budget", "check_int", "check_choice", "fill_count", "evict_where",
            "pool1d", "mask_invalid", "topk_plan", "positions_plan", "window_query_index",
            "GQA_AGGREGATIONS", "POOLINGS"]
@@ -205,6 +206,22 @@ def kept_count(n_prompt: int, capacity, compression_ratio) -> int:
 def window_query_index(n_prompt: int, window: int) -> tuple[int, ...]:
     """The last `window` query rows of a prompt of n_prompt tokens."""
     return tuple(range(max(n_prompt - window, 0), n_prompt))
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioPress(Press):
+    """A press whose budget is `compression_ratio` (the share of the prompt evicted, kvpress's
+    convention) or `capacity` (slots kept): exactly one of them."""
+
+    compression_ratio: float | None = None
+    capacity: int | None = None
+
+    def __post_init__(self):
+        check_budget(self.method, self.capacity, self.compression_ratio)
+
+    def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
+        del layer, num_layers
+        return kept_count(n_prompt, self.capacity, self.compression_ratio)
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,14 +87,12 @@ def expected_attention_scores(queries, keys, values, valid, positions, query_pos
 
 @register
 @dataclasses.dataclass(frozen=True)
-class ExpectedAttention(base.Press):
+class ExpectedAttention(base.RatioPress):
     """Fields: compression_ratio (share evicted) or capacity (slots kept),
     n_future_positions, n_sink, use_covariance, use_vnorm, epsilon (see the module
     docstring)."""
 
     method: ClassVar[str] = "expected_attention"
-    compression_ratio: float | None = None
-    capacity: int | None = None
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
@@ -102,15 +100,11 @@ class ExpectedAttention(base.Press):
     epsilon: float = 0.0
 
     def __post_init__(self):
-        base.check_budget(self.method, self.capacity, self.compression_ratio)
+        super().__post_init__()
         base.check_int("n_future_positions", self.n_future_positions, 1)
         base.check_int("n_sink", self.n_sink, 0)
         if not isinstance(self.epsilon, (int, float)) or self.epsilon < 0:
             raise ValueError(f"press.epsilon={self.epsilon!r} must be a number >= 0")
-
-    def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
-        del layer, num_layers
-        return base.kept_count(n_prompt, self.capacity, self.compression_ratio)
 
     def request(self, n_prompt: int) -> base.PressRequest:
         if n_prompt <= self.n_sink:

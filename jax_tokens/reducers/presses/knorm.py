@@ -22,19 +22,10 @@ __all__ = ["Knorm"]
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Knorm(base.Press):
+class Knorm(base.RatioPress):
     """Fields: compression_ratio (share of the prompt evicted) or capacity (slots kept)."""
 
     method: ClassVar[str] = "knorm"
-    compression_ratio: float | None = None
-    capacity: int | None = None
-
-    def __post_init__(self):
-        base.check_budget(self.method, self.capacity, self.compression_ratio)
-
-    def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
-        del layer, num_layers
-        return base.kept_count(n_prompt, self.capacity, self.compression_ratio)
 
     def plan(self, inputs: base.PressInputs) -> base.KVPlan:
         t = inputs.n_prompt

@@ -21,22 +21,16 @@ __all__ = ["RandomKV"]
 
 @register
 @dataclasses.dataclass(frozen=True)
-class RandomKV(base.Press):
+class RandomKV(base.RatioPress):
     """Fields: compression_ratio (share evicted) or capacity (slots kept), seed."""
 
     method: ClassVar[str] = "random_kv"
-    compression_ratio: float | None = None
-    capacity: int | None = None
     seed: int = 0
 
     def __post_init__(self):
-        base.check_budget(self.method, self.capacity, self.compression_ratio)
+        super().__post_init__()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"press.seed={self.seed!r} must be an int")
-
-    def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
-        del layer, num_layers
-        return base.kept_count(n_prompt, self.capacity, self.compression_ratio)
 
     def plan(self, inputs: base.PressInputs) -> base.KVPlan:
         t = inputs.n_prompt
