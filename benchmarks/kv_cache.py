@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the decode tokens/s column (every press at ratio 0.5)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -115,9 +117,22 @@ def main(argv=None) -> int:
             over.update({f"press.{k}": v for k, v in press.items() if k != "method"})
         return lm_eval.evaluate(lm, lm_eval.load_config(lm_eval.DEFAULT_CONFIG, over), log=quiet)
 
-    full = run(None)
     contexts, _, _ = lm_eval.text_windows(lm_eval.load_config(lm_eval.DEFAULT_CONFIG, base),
                                           lm.encode)
+    if args.speed_only:        # interleaved rounds: machine load hits every press alike
+        cfgs = {"full cache": None, **{m: presses.from_config(press_config(m, 0.5, args.context))
+                                       for m in args.methods}}
+        times = {name: [] for name in cfgs}
+        for _ in range(args.repeats):
+            for name, press in cfgs.items():
+                times[name].append(decode_speed(lm, contexts[0], press, args.new_tokens, 1))
+        print("| press (ratio 0.5) | decode tok/s | vs full |\n|---|---:|---:|")
+        base_speed = statistics.median(times["full cache"])
+        for name, ts in times.items():
+            print(f"| {name} | {statistics.median(ts):.1f} | "
+                  f"{statistics.median(ts) / base_speed:.2f}x |", flush=True)
+        return 0
+    full = run(None)
     full_speed = decode_speed(lm, contexts[0], None, args.new_tokens, args.repeats)
     rows = [dict(method="full cache", ratio=0.0, perplexity=full["perplexity"], dnll=0.0,
                  dnll_se=0.0, cache_mb=full["cache_bytes_per_sequence"] / 1e6,
