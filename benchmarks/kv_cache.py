@@ -1,6 +1,6 @@
 """KV-cache presses on SmolLM2-135M-Instruct and real text, side by side with the full cache.
 
-    python benchmarks/kv_cache.py                                  # CPU size (~15 min, 2 cores)
+    python benchmarks/kv_cache.py --context 512 --continuation 64   # ~20 min on 2 idle cores
     python benchmarks/kv_cache.py --context 2048 --samples 16 --json out.json   # a GPU
 
 For every press at compression ratios 0.25, 0.5 and 0.75 (the share of the context evicted)
