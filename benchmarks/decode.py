@@ -126,7 +126,7 @@ def jax_run(lm, tokens, new_tokens: int, repeats: int, cache_dtype: str) -> dict
 
     b, length = tokens.shape
     mask = np.ones_like(tokens, bool)
-    capacity = -(-(length + new_tokens) // 64) * 64
+    capacity = llama.cache.default_capacity(length + new_tokens)
     timings: dict = {}
     state, *_ = llama.prefill(lm.model, tokens, mask=mask, capacity=capacity,
                               max_new_tokens=new_tokens, cache_dtype=cache_dtype,

@@ -64,7 +64,7 @@ def decode_speed(lm, ids, press, new_tokens: int, repeats: int) -> float:
     import jax
 
     from jax_tokens.models import llama
-    capacity = -(-(len(ids) + new_tokens) // 64) * 64
+    capacity = llama.cache.default_capacity(len(ids) + new_tokens)
     times = []
     for i in range(repeats + 1):                    # the first run compiles
         state, *_ = llama.prefill(lm.model, [ids], capacity=capacity, press=press,

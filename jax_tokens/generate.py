@@ -69,6 +69,7 @@ def _generate(args) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     from jax_tokens.models import gguf_import  # pylint: disable=import-outside-toplevel
     from jax_tokens.models.llama import generation  # pylint: disable=import-outside-toplevel
+    from jax_tokens.models.llama import cache as kvc  # pylint: disable=import-outside-toplevel
 
     t0 = time.perf_counter()
     path = args.gguf if args.gguf is not None else gguf_import.packaged_gguf_path()
@@ -81,7 +82,7 @@ def _generate(args) -> int:
     padded = -(-n_prompt // chunk) * chunk
     capacity = args.capacity
     if capacity is None:
-        capacity = -(-(padded + args.max_new_tokens) // 64) * 64
+        capacity = kvc.default_capacity(padded + args.max_new_tokens)
     if padded + args.max_new_tokens - 1 > capacity:
         raise ValueError(f"the prompt has {n_prompt} tokens ({padded} padded to chunks of "
                          f"{chunk}); with --max-new-tokens={args.max_new_tokens} it needs "

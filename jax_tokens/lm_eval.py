@@ -143,7 +143,7 @@ def evaluate(lm, config, *, log=print) -> dict:
     import jax
     import numpy as np
 
-    from jax_tokens.models.llama import KVCache, continuation_logprobs
+    from jax_tokens.models.llama import continuation_cache, continuation_logprobs
 
     contexts, continuations, sources = text_windows(config, lm.encode)
     d, bs = config.data, config.eval.batch_size
@@ -170,12 +170,8 @@ def evaluate(lm, config, *, log=print) -> dict:
     mean = statistics.fmean(nll)
     se = statistics.stdev(nll) / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     timed = batch_s[1:] or batch_s            # the first batch compiles
-    capacity = -(-(d.context_length + d.continuation_length) // 64) * 64   # as scoring.py
-    if press is not None and hasattr(press, "n_kept"):   # compressed: kept slots + room
-        layers = lm.config.num_layers
-        kept = max(press.n_kept(d.context_length, l, layers) for l in range(layers))
-        capacity = kept + capacity - d.context_length
-    cache = jax.eval_shape(lambda: KVCache.create(lm.config, 1, capacity, cache_dtype))
+    cache = continuation_cache(lm.model, d.context_length, d.continuation_length, press=press,
+                               cache_dtype=cache_dtype)
     return {"num_samples": len(nll), "context_length": d.context_length,
             "continuation_length": d.continuation_length, "mean_nll": mean,
             "nll_standard_error": se, "perplexity": math.exp(mean),
@@ -184,7 +180,7 @@ def evaluate(lm, config, *, log=print) -> dict:
             "tokens_per_s": bs * (d.context_length + d.continuation_length)
             / statistics.median(timed),
             "first_batch_s": batch_s[0], "cache_bytes_per_sequence": cache.nbytes(),
-            "cache_slots": capacity, "press": None if press is None else repr(press),
+            "cache_slots": cache.capacity, "press": None if press is None else repr(press),
             "backend": jax.default_backend()}
 
 

@@ -196,7 +196,6 @@ def tiny4():
 def _manual_dropping(model, tokens, stages, span):
     """Layer segments without a cache: plain causal attention over the current tokens, the
     last token's head-mean attention of the layer before each drop, `_numpy_select`."""
-    from flax import nnx
     x = model.embed_tokens(jnp.asarray(tokens))
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     layer, (start, end) = 0, span
@@ -208,7 +207,6 @@ def _manual_dropping(model, tokens, stages, span):
         pos = jnp.take_along_axis(pos, jnp.asarray(idx), 1)
         end, layer = start + keep, k
     x, _, _ = model.run_layers(x, pos, start=layer)
-    del nnx
     return np.asarray(model.logits(model.norm(x)[:, -1])), x.shape[1]
 
 

@@ -67,18 +67,27 @@ def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
                          preferred_element_type=jnp.float32).astype(q.dtype)
     else:
         out, probs, lse = _grouped(q, k, v, extra, scale)
-    result = {}
-    for name in stats:
-        if name == "lse":
-            result["lse"] = lse
-        elif name == "cls_probs":
-            result["cls_probs"] = jax.lax.stop_gradient(probs[:, :, query_index, :])
-        elif name == "key_mass":
-            result["key_mass"] = jax.lax.stop_gradient(probs.sum(axis=2))
-        elif name == "mean_key":
-            result["mean_key"] = k.mean(axis=2)
-        elif name == "probs":
-            result["probs"] = jax.lax.stop_gradient(probs)
-    if "lse" in result:
-        result["lse"] = jax.lax.stop_gradient(result["lse"])
-    return out, result
+    result = probability_stats(probs, stats, query_index=query_index)
+    if "lse" in stats:
+        result["lse"] = jax.lax.stop_gradient(lse)
+    if "mean_key" in stats:
+        result["mean_key"] = k.mean(axis=2)
+    return out, {name: result[name] for name in stats}
+
+
+PROBABILITY_STATS = ("cls_probs", "key_mass", "probs")
+"""The statistics that derive from the probability matrix alone."""
+
+
+def probability_stats(probs, stats, *, query_index=0) -> dict:
+    """The statistics of `stats` that derive from probabilities [B, H, Nq, Nk] (fp32, no
+    gradient): "cls_probs" (rows `query_index`), "key_mass" (summed over queries), "probs";
+    other names are skipped."""
+    out = {}
+    if "cls_probs" in stats:
+        out["cls_probs"] = jax.lax.stop_gradient(probs[:, :, query_index, :])
+    if "key_mass" in stats:
+        out["key_mass"] = jax.lax.stop_gradient(probs.sum(axis=2))
+    if "probs" in stats:
+        out["probs"] = jax.lax.stop_gradient(probs)
+    return out

@@ -43,6 +43,7 @@ from jax_tokens import schedule as sched
 from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
 from jax_tokens.layers import Mlp, PatchGrid, linear_axes, norm_axes, patch_embedding
+from jax_tokens.attention import xla as attention_xla
 from jax_tokens.attention.sharded import attention as mesh_attention
 from jax_tokens.reducers import LayerSpec, Reducer, TokenLayout
 
@@ -278,18 +279,14 @@ class Block(nnx.Module):
     def input_stats(self, x, stats, *, key_size=None):
         """The statistics of a reducer placed "before" the attention: the differentiable
         probabilities of the block's input tokens ("probs"), and what derives from them."""
+        other = [name for name in stats if name not in attention_xla.PROBABILITY_STATS]
+        if other:
+            raise ValueError(f"statistic {other[0]!r} is not available to a reducer placed "
+                             "before the attention (only probs, key_mass, cls_probs)")
         probs = self.attn.probabilities(self.norm1(x), key_size=key_size)
-        out = {}
-        for name in stats:
-            if name == "probs":
-                out[name] = probs
-            elif name == "key_mass":
-                out[name] = jax.lax.stop_gradient(probs.sum(axis=2))
-            elif name == "cls_probs":
-                out[name] = jax.lax.stop_gradient(probs[:, :, 0])
-            else:
-                raise ValueError(f"statistic {name!r} is not available to a reducer placed "
-                                 "before the attention (only probs, key_mass, cls_probs)")
+        out = attention_xla.probability_stats(probs, stats)
+        if "probs" in stats:      # differentiable here: the reducer's weights come from it
+            out["probs"] = probs
         return out
 
     def feed_forward(self, x):

@@ -17,12 +17,12 @@ from jax_tokens.models.llama.cache import (KVCache, KVPlan, LayerCache, Press, P
 from jax_tokens.models.llama.generation import (TRACES, DecodeState, GenerationOutput,
                                                 Sampling, decode, generate, prefill,
                                                 sample_logits)
-from jax_tokens.models.llama.scoring import continuation_logprobs
+from jax_tokens.models.llama.scoring import continuation_cache, continuation_logprobs
 from jax_tokens.models.llama.model import (Llama, LlamaConfig, RopeScaling, create,
                                            next_token_loss, shard)
 
 __all__ = ["Llama", "LlamaConfig", "RopeScaling", "create", "shard", "next_token_loss",
-           "continuation_logprobs",
+           "continuation_logprobs", "continuation_cache",
            "KVCache", "LayerCache", "KVPlan", "Press", "PressInputs", "PressRequest", "compress",
            "evict", "pad_prompts", "padding_positions", "Sampling", "DecodeState",
            "GenerationOutput", "generate", "prefill", "decode", "sample_logits", "TRACES"]

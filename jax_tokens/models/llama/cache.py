@@ -34,9 +34,10 @@ per KV head (`KVPlan.kept_idx [B, KVH, K]`, K static). Eviction (`evict`) is a g
 slots move to [0, K) in the plan's order, the rest of the capacity is emptied (valid False,
 pos -1), and `index` becomes K, so decoding continues at slot K. `compress(..., room=)`
 evicts into a smaller cache (the kept slots + room for the new tokens: the memory a press
-saves while decoding; `generation.prefill` does this). Presses that act
-during decoding (H2O's running scores, TOVA's per-step eviction, StreamingLLM's ring buffer)
-need state carried through the decode loop; that hook is not built yet.
+saves while decoding; `generation.prefill` does this). Presses that act during decoding
+(H2O's running scores, TOVA's per-step eviction, StreamingLLM's ring buffer) carry their state through the decode loop: the cache then holds their budget + 1 slots and
+each head writes its next token into the slot the press freed (`KVCache.free`,
+`decode_evict`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from jax_tokens import sharding as shd
 from jax_tokens.reducers.presses.base import KVPlan, Press, PressInputs, PressRequest
 
 __all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
-           "evict", "compress", "decode_evict", "pad_prompts", "padding_positions",
+           "evict", "compress", "decode_evict", "decode_budget", "default_capacity",
+           "pad_prompts", "padding_positions",
            "self_attention_bias", "NEG_INF"]
 
 _KV_AXES = (None, "batch", None, "kv_heads", None)   # [L, B, C, KVH, hd]
@@ -84,29 +86,10 @@ class LayerCache:
                    pos=jnp.full(shape, -1, jnp.int32), valid=jnp.zeros(shape, bool),
                    index=jnp.zeros((), jnp.int32))
 
-    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array,
-              mask: jax.Array | None = None) -> "LayerCache":
-        """Writes T new tokens (k, v [B, T, KVH, hd], positions [B, T], mask [B, T] or None:
-        all valid) into slots [index, index + T); index advances by T."""
-        b, t, kvh, _ = k.shape
-        if t > self.capacity:
-            raise ValueError(f"cannot write {t} tokens into a KV cache of capacity "
-                             f"{self.capacity}")
-        at = (0, self.index, 0, 0)
-        valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
-        pos = jnp.broadcast_to(positions.astype(jnp.int32)[..., None], (b, t, kvh))
-        valid = jnp.broadcast_to(valid[..., None], (b, t, kvh))
-        return self.replace(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
-            pos=jax.lax.dynamic_update_slice(self.pos, pos, at[:3]),
-            valid=jax.lax.dynamic_update_slice(self.valid, valid, at[:3]),
-            index=self.index + t)
-
     def attention_bias(self, q_positions: jax.Array, n_new: int,
                        q_mask: jax.Array | None = None) -> jax.Array:
         """Additive bias [B, KVH, T, C] (float32) for the T queries just written (call after
-        `write`): a real query sees the valid slots whose position is <= its own; a padding
+        `KVCache.write_layer`): a real query sees the valid slots whose position is <= its own; a padding
         query (q_mask False) sees only its own slot."""
         c = self.capacity
         if self.free is not None:                # one token, written to a free slot per head
@@ -155,11 +138,16 @@ class KVCache:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch={batch!r} must be a positive int")
         dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-        shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads)
-        return cls(k=jnp.zeros(shape + (cfg.head_dim,), dtype),
-                   v=jnp.zeros(shape + (cfg.head_dim,), dtype),
+        return cls.empty(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, dtype)
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
+              dtype) -> "KVCache":
+        """An empty cache of these sizes (every slot invalid), split as `constrain` says."""
+        shape = (num_layers, batch, capacity, kv_heads)
+        return cls(k=jnp.zeros(shape + (head_dim,), dtype), v=jnp.zeros(shape + (head_dim,), dtype),
                    pos=jnp.full(shape, -1, jnp.int32), valid=jnp.zeros(shape, bool),
-                   index=jnp.zeros((cfg.num_layers,), jnp.int32)).constrain()
+                   index=jnp.zeros((num_layers,), jnp.int32)).constrain()
 
     def constrain(self) -> "KVCache":
         """Under an active mesh (`sharding.use_mesh`), keeps the cache split like the
@@ -171,8 +159,10 @@ class KVCache:
 
     def write_layer(self, l, k: jax.Array, v: jax.Array, positions: jax.Array,
                     mask: jax.Array | None = None) -> "KVCache":
-        """`LayerCache.write` for layer l, in place: only the T new slots of the stacked
-        arrays are written (k, v [B, T, KVH, hd], positions [B, T], mask [B, T] or None)."""
+        """Writes T new tokens of layer l (k, v [B, T, KVH, hd], positions [B, T], mask [B, T]
+        or None: all valid) into slots [index, index + T) of that layer, in place: only those
+        slots of the stacked arrays are written; index advances by T. With `free` set, one
+        token per head goes into its free slot instead."""
         b, t, kvh, _ = k.shape
         if t > self.capacity:
             raise ValueError(f"cannot write {t} tokens into a KV cache of capacity "
@@ -302,6 +292,18 @@ def evict(layer: LayerCache, plan: KVPlan, capacity: int | None = None) -> Layer
         index=jnp.asarray(k_out, jnp.int32))
 
 
+def default_capacity(n_tokens: int) -> int:
+    """Cache slots for n_tokens, rounded up to a multiple of 64 (nearby lengths share one
+    compiled program)."""
+    return -(-n_tokens // 64) * 64
+
+
+def decode_budget(press) -> int | None:
+    """The slots per head a press keeps while decoding, or None when it acts at prefill only
+    (presses without the decoding hooks included)."""
+    return None if press is None else getattr(press, "decode_budget", lambda: None)()
+
+
 def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: jax.Array,
              groups: int, *, room: int | None = None, decoding: bool = False,
              inv_freq=None) -> tuple[KVCache, list[KVPlan], jax.Array | None]:
@@ -315,7 +317,7 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
     points at each head's first empty slot and the press's decoding state is returned
     ([L, B, KVH, C] or None). Returns (cache, plans, state)."""
     plans, inits = [], []
-    budget = press.decode_budget() if decoding and hasattr(press, "decode_budget") else None
+    budget = decode_budget(press) if decoding else None
     for l in range(cache.num_layers):
         st = {name: a[l] for name, a in layer_stats.items()}
         queries = st.pop("queries", None)
@@ -334,12 +336,8 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
     if longest > c or (budget is not None and longest > budget):
         raise ValueError(f"the press keeps up to {longest} slots in a layer; a cache of "
                          f"capacity {c} (decoding budget {budget}) cannot hold them")
-    out = cache if c == cache.capacity else KVCache(
-        k=jnp.zeros(cache.k.shape[:2] + (c,) + cache.k.shape[3:], cache.k.dtype),
-        v=jnp.zeros(cache.v.shape[:2] + (c,) + cache.v.shape[3:], cache.v.dtype),
-        pos=jnp.full(cache.pos.shape[:2] + (c,) + cache.pos.shape[3:], -1, jnp.int32),
-        valid=jnp.zeros(cache.valid.shape[:2] + (c,) + cache.valid.shape[3:], bool),
-        index=cache.index).constrain()
+    nl, b, _, kvh, hd = cache.k.shape
+    out = cache if c == cache.capacity else KVCache.empty(nl, b, c, kvh, hd, cache.k.dtype)
     for l, plan in enumerate(plans):
         out = out.set_layer(l, evict(cache.layer(l), plan, c))
     state = None

@@ -144,10 +144,6 @@ def check_lengths(prompt_len: int, max_new_tokens: int, capacity: int,
 # The traced bodies (graphdef / static settings are static arguments)
 # --------------------------------------------------------------------------------------------
 
-def _evicts_while_decoding(press) -> bool:
-    return press is not None and getattr(press, "decode_budget", lambda: None)() is not None
-
-
 def _forward_dropping(model: Llama, tokens, positions, mask, cache, press):
     """The prefill with a prompt-token-dropping press (FastV, PyramidDrop): the layers run in
     segments; before each drop layer K the span's tokens are scored by the last token's
@@ -200,7 +196,7 @@ def _decode(model: Llama, state: DecodeState, key, temperature, top_p, stop_ids,
             max_new_tokens: int, top_k: int, greedy: bool, use_top_p: bool, pad_id: int,
             press=None):
     b = state.logits.shape[0]
-    evicting = _evicts_while_decoding(press)
+    evicting = kvc.decode_budget(press) is not None
     step_stats = tuple(press.decode_stats) if evicting else ()
     pick = partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k,
                    greedy=greedy, use_top_p=use_top_p)
@@ -413,7 +409,7 @@ def decode(model: Llama, state: DecodeState, *, max_new_tokens: int,
     """Jitted decoding (`lax.while_loop`) from a `DecodeState`; the cache must have room for
     max_new_tokens - 1 more tokens (checked), unless `press` (the one given to `prefill`)
     evicts while decoding. `timings` as in `prefill` ("decode_compile_s", "decode_s")."""
-    if _evicts_while_decoding(press) != (state.cache.free is not None):
+    if (kvc.decode_budget(press) is not None) != (state.cache.free is not None):
         raise ValueError("decode(press=...) must be the press given to prefill when that "
                          "press evicts while decoding (H2O, TOVA, StreamingLLM), and only then")
     room = state.cache.capacity - int(np.max(np.asarray(state.cache.index)))
@@ -441,7 +437,7 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, mask=None,
     """
     tokens, mask = _prompts(prompts, mask, pad_id, pad_multiple, prompt_length)
     if capacity is None:
-        capacity = -(-(tokens.shape[1] + max_new_tokens) // 64) * 64
+        capacity = kvc.default_capacity(tokens.shape[1] + max_new_tokens)
     check_lengths(tokens.shape[1], max_new_tokens, capacity, model.cfg.max_position_embeddings)
     dyn, static = _settings(model, sampling, stop_tokens, pad_id, key)
     graphdef, params = nnx.split(model)

@@ -224,12 +224,11 @@ class Attention(nnx.Module):
             self.v_bias = _param(rngs, zeros, (kv, hd), pd, ("kv_heads", None), layers)
         else:
             self.q_bias = self.k_bias = self.v_bias = None
-        self.groups = cfg.kv_groups
         self.impl = cfg.attn_impl
 
-    def project(self, x: jax.Array, cos, sin, *, raw: bool = False):
-        """x [B, T, D] -> q [B, T, H, hd], k, v [B, T, KVH, hd] (RoPE applied to q and k);
-        with `raw`, also the queries before RoPE."""
+    def project(self, x: jax.Array, cos, sin):
+        """x [B, T, D] -> q [B, T, H, hd], k, v [B, T, KVH, hd] (RoPE applied to q and k) and
+        the queries before RoPE."""
         dt = x.dtype
 
         def proj(w, b):
@@ -240,7 +239,7 @@ class Attention(nnx.Module):
         q = apply_rope(q_raw, cos, sin)
         k = apply_rope(proj(self.k_proj, self.k_bias), cos, sin)
         v = proj(self.v_proj, self.v_bias)
-        return (q, k, v, q_raw) if raw else (q, k, v)
+        return q, k, v, q_raw
 
     def __call__(self, x, cos, sin, *, bias=None, cache: kvc.KVCache | None = None,
                  layer=None, positions=None, mask=None, stats: Sequence[str] = (),
@@ -248,7 +247,7 @@ class Attention(nnx.Module):
         """With a cache: the new keys / values go into layer `layer` of the stacked cache
         (only the T new slots are written) and the queries attend over that layer's slots.
         Keys and values keep their KV heads (grouped-query attention, never repeated)."""
-        q, k, v, q_raw = self.project(x, cos, sin, raw=True)
+        q, k, v, q_raw = self.project(x, cos, sin)
         if cache is not None:
             cache = cache.write_layer(layer, k, v, positions, mask)
             lc = cache.layer(layer)
@@ -374,15 +373,13 @@ class Llama(nnx.Module):
             if t > cache.capacity:
                 raise ValueError(f"{t} new tokens do not fit a KV cache of capacity "
                                  f"{cache.capacity}")
+        causal_only = positions is None
         if positions is None:
             start = 0 if cache is None else cache.index[0]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-            explicit = False
-        else:
-            explicit = True
         x, cache, layer_stats = self.run_layers(
             self.embed_tokens(tokens), positions, mask=mask, cache=cache, stats=stats,
-            query_index=query_index, want_qkv=want_qkv, causal_only=not explicit)
+            query_index=query_index, want_qkv=want_qkv, causal_only=causal_only)
         h = self.norm(x)
         out = None
         if logits == "all":

@@ -25,7 +25,7 @@ from jax_tokens.models.llama import cache as kvc
 from jax_tokens.models.llama.generation import TRACES, _prefill, _prompts
 from jax_tokens.models.llama.model import Llama
 
-__all__ = ["continuation_logprobs"]
+__all__ = ["continuation_logprobs", "continuation_cache"]
 
 
 @partial(jax.jit, static_argnames=("graphdef", "capacity", "press", "cache_dtype", "rules"))
@@ -66,7 +66,7 @@ def continuation_logprobs(model: Llama, contexts, continuations, *, mask=None,
     if cont.min() < 0 or cont.max() >= vocab:
         raise ValueError(f"continuation token ids must lie in [0, {vocab}); got "
                          f"[{cont.min()}, {cont.max()}]")
-    capacity = -(-(tokens.shape[1] + cont.shape[1]) // 64) * 64
+    capacity = kvc.default_capacity(tokens.shape[1] + cont.shape[1])
     limit = model.cfg.max_position_embeddings
     if tokens.shape[1] + cont.shape[1] > limit:
         raise ValueError(f"the context ({tokens.shape[1]} tokens, padded) plus the continuation "
@@ -77,3 +77,18 @@ def continuation_logprobs(model: Llama, contexts, continuations, *, mask=None,
                       jnp.asarray(cont), capacity=capacity, press=press,
                       cache_dtype=jnp.dtype(cache_dtype or model.cfg.dtype).name,
                       rules=shd.current_rules())
+
+
+def continuation_cache(model: Llama, n_context: int, n_continuation: int, *,
+                       press: kvc.Press | None = None, cache_dtype=None) -> kvc.KVCache:
+    """The cache one sequence's continuation is read through (after `press`), as shapes
+    (`jax.ShapeDtypeStruct`, from `jax.eval_shape`: nothing is computed); `.nbytes()` is the
+    memory a sequence's cache takes."""
+    capacity = kvc.default_capacity(n_context + n_continuation)
+    dtype = jnp.dtype(cache_dtype or model.cfg.dtype).name
+    state, _ = jax.eval_shape(
+        lambda t, m: _prefill(model, t, m, capacity=capacity, press=press, cache_dtype=dtype,
+                              decoding=False),
+        jax.ShapeDtypeStruct((1, n_context), jnp.int32), jax.ShapeDtypeStruct((1, n_context),
+                                                                              bool))
+    return state.cache

@@ -229,13 +229,13 @@ class RatioPress(Press):
 # --------------------------------------------------------------------------------------------
 
 def group_scores(scores: jax.Array, groups: int, agg: str) -> jax.Array:
-    """Per-query-head scores [B, H, ...] -> per-KV-head [B, H // groups, ...]: the `agg`
+    """Per-query-head scores [..., H, N] -> per-KV-head [..., H // groups, N]: the `agg`
     (mean / max / sum) over each group of `groups` consecutive query heads."""
     if groups == 1:
         return scores
-    b, h = scores.shape[:2]
-    g = scores.reshape(b, h // groups, groups, *scores.shape[2:])
-    return {"mean": g.mean, "max": g.max, "sum": g.sum}[agg](axis=2)
+    *lead, h, n = scores.shape
+    g = scores.reshape(*lead, h // groups, groups, n)
+    return {"mean": g.mean, "max": g.max, "sum": g.sum}[agg](axis=-2)
 
 
 def pool1d(x: jax.Array, kernel: int, kind: str) -> jax.Array:

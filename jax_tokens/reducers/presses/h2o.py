@@ -69,22 +69,18 @@ class H2O(base.Press):
         s = base.mask_invalid(base.group_scores(s, inputs.groups, self.gqa_agg), inputs.valid)
         return base.topk_plan(s, self.heavy, c, tail=(t - self.recent, t), sort=True)
 
-    def _scores(self, key_mass: jax.Array, groups: int) -> jax.Array:
-        """[..., H, C] per-query-head attention -> [..., KVH, C] per KV head."""
-        lead, (h, c) = key_mass.shape[:-2], key_mass.shape[-2:]
-        flat = key_mass.astype(jnp.float32).reshape((-1, h, c))
-        return base.group_scores(flat, groups, self.gqa_agg).reshape(lead + (h // groups, c))
-
     def decode_budget(self) -> int:
         return self.heavy + self.recent
 
     def decode_init(self, inputs: base.PressInputs, plan: base.KVPlan) -> jax.Array:
-        s = self._scores(inputs.stats["key_mass"], inputs.groups)          # [B, KVH, C]
+        s = base.group_scores(inputs.stats["key_mass"].astype(jnp.float32), inputs.groups,
+                              self.gqa_agg)                                 # [B, KVH, C]
         return jnp.take_along_axis(s, plan.kept_idx, axis=-1)
 
     def decode_update(self, state, valid, positions, stats, groups):
         v, p = jnp.moveaxis(valid, 2, 3), jnp.moveaxis(positions, 2, 3)   # [L, B, KVH, C]
-        state = jnp.where(v, state + self._scores(stats["key_mass"], groups), 0.0)
+        mass = base.group_scores(stats["key_mass"].astype(jnp.float32), groups, self.gqa_agg)
+        state = jnp.where(v, state + mass, 0.0)
         newest = jnp.max(jnp.where(v, p, -1), axis=-1, keepdims=True)
         recent = p > newest - self.recent
         full = base.fill_count(valid) > self.heavy + self.recent
