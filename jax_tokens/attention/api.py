@@ -62,6 +62,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
         "probs" [B, H, Nq, Nk] the whole probability matrix (fp32; MCTF's one-step-ahead
           attention). It is N x N by definition: the kernels rebuild it from their lse
           outside the kernel, so ask for it only where a method needs every entry.
+        "value_norm" [B, Nk] the L2 norm of each key's value vector concatenated over the H
+          query heads (fp32, no gradient; with grouped-query attention a KV head counts once
+          per query head it serves): ATS's significance weight ||v_j||.
+        "full_key" [B, Nk, H * D] the keys with their heads concatenated (a CLIP layer's
+          k_proj output; differentiable like "mean_key");
+        "full_cls_probs" [B, Nk] the probability row of query `query_index` (or [B, L, Nk])
+          of one head over the full width: softmax(q_full k_full^T * (H * D) ** -0.5), with
+          log(key_size) and the causal mask, without `bias` or `scale` (fp32, no gradient;
+          LLaVA-PruMerge's CLS attention). Both need KVH = H.
       query_index: which query row(s) "cls_probs" returns.
       scale: logits scale, default D ** -0.5.
       impl: "xla" (materialises probabilities; the oracle), "pallas_tpu", "pallas_gpu",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-STATS = ("lse", "cls_probs", "key_mass", "mean_key", "probs")
+STATS = ("lse", "cls_probs", "key_mass", "mean_key", "probs", "value_norm", "full_key",
+         "full_cls_probs")
 
 
 def check_inputs(q, k, v, bias, key_size, stats) -> None:
@@ -31,6 +32,13 @@ def check_inputs(q, k, v, bias, key_size, stats) -> None:
                 s not in (1, w) for i, (s, w) in enumerate(zip(bias.shape, want)) if i != 1):
             raise ValueError(f"bias must broadcast to [batch, heads, queries, keys] = {want} "
                              f"(or have k's {kvh} heads); got shape {tuple(bias.shape)}")
+    full = [s for s in stats if s in ("full_key", "full_cls_probs")]
+    if full and kvh != h:
+        raise ValueError(f"stats {full} treat the heads as one full-width head: they need as "
+                         f"many key heads as query heads; got k with {kvh}, q with {h}")
+    if "full_cls_probs" in stats and bias is not None:
+        raise ValueError("stats 'full_cls_probs' (one head over the full width) takes no bias: "
+                         "a bias is per head; key_size and causal apply")
     bad = [s for s in stats if s not in STATS]
     if bad:
         raise ValueError(f"stats={tuple(stats)!r} contains unknown {bad}; allowed: {STATS}")

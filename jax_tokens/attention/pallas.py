@@ -9,6 +9,9 @@ probabilities:
     exp(logits - lse) down the columns, using the lse the forward saved;
   * "cls_probs": one query row of logits against all keys, exp(logit - lse), in O(Nk * D);
   * "mean_key": `k.mean(axis=2)`, no kernel needed;
+  * "value_norm": the norm of each key's values over the heads, from v, no kernel needed;
+  * "full_key", "full_cls_probs": one head over the full width, from q and k, no kernel
+    needed;
   * gradients: a `jax.custom_vjp` whose backward runs two kernels (dk/dv streaming query
     blocks, dq streaming key blocks). q, k, v, key_size and bias all get their gradients;
     lse, cls_probs and key_mass carry none (the oracle stops them too); mean_key is
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-from jax_tokens.attention import pallas_gpu, pallas_tpu
+from jax_tokens.attention import pallas_gpu, pallas_tpu, xla
 from jax_tokens.attention.checks import check_inputs
 
 BACKENDS = ("tpu", "gpu")
@@ -262,4 +265,9 @@ def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
             result["probs"] = _cls_probs(
                 sg(q), sg(k), sg(kb), None if bias is None else sg(bias), lse,
                 np.arange(nq), False, scale, cfg.causal)
+        elif name == "value_norm":  # from the v input, outside the kernels
+            result["value_norm"] = xla.value_norm(v, h)
+        elif name in xla.FULL_WIDTH_STATS:   # from the q, k inputs, outside the kernels
+            result.update(xla.full_width_stats(q, k, (name,), key_size=key_size,
+                                               causal=cfg.causal, query_index=query_index))
     return out, result

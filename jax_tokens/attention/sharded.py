@@ -13,7 +13,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jax_tokens import sharding as shd
-from jax_tokens.attention import api
+from jax_tokens.attention import api, xla
 
 __all__ = ["attention"]
 
@@ -29,8 +29,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
     With impl "pallas_tpu" / "pallas_gpu" (or "auto" resolving to one) and a mesh of more than
     one device (`mesh`, or the one `jax.set_mesh` / `use_mesh` set), every device runs the
     kernel on its shard: the batch split over the rules' "batch" axes (data, fsdp) and the
-    heads over the "heads" axes (tensor, under "fsdp_tp"), where they divide. "mean_key" (a
-    mean over heads) is computed outside the shard_map. Otherwise this is a plain call.
+    heads over the "heads" axes (tensor, under "fsdp_tp"), where they divide. "mean_key",
+    "value_norm", "full_key" and "full_cls_probs" (over all heads) are computed outside the
+    shard_map. Otherwise this is a plain call.
     """
     resolved = api.resolve_impl(impl)
     kwargs = dict(bias=bias, key_size=key_size, causal=causal, query_index=query_index,
@@ -52,7 +53,8 @@ def _shard_mapped_attention(q, k, v, *, stats, impl, mesh, sizes, rules, bias, k
     hx = shd.split_axes([a for a in table.get("heads", ()) if a not in bx], h, sizes)
     bs, hs = shd.spec_entry(bx), shd.spec_entry(hx)
     qkv_spec = P(bs, None, hs, None)
-    inner_stats = tuple(s for s in stats if s != "mean_key")
+    outside = ("mean_key", "value_norm") + xla.FULL_WIDTH_STATS   # over all heads: outside
+    inner_stats = tuple(s for s in stats if s not in outside)
     scale = float(d ** -0.5 if scale is None else scale)
 
     args = [q, k, v]
@@ -80,4 +82,8 @@ def _shard_mapped_attention(q, k, v, *, stats, impl, mesh, sizes, rules, bias, k
     st = dict(st)
     if "mean_key" in stats:
         st["mean_key"] = k.mean(axis=2)
+    if "value_norm" in stats:
+        st["value_norm"] = xla.value_norm(v, h)
+    st.update(xla.full_width_stats(q, k, stats, key_size=key_size, causal=causal,
+                                   query_index=query_index))
     return out, {s: st[s] for s in stats}

@@ -72,7 +72,55 @@ def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
         result["lse"] = jax.lax.stop_gradient(lse)
     if "mean_key" in stats:
         result["mean_key"] = k.mean(axis=2)
+    if "value_norm" in stats:
+        result["value_norm"] = value_norm(v, h)
+    result.update(full_width_stats(q, k, stats, key_size=key_size, causal=causal,
+                                   query_index=query_index))
     return out, {name: result[name] for name in stats}
+
+
+def value_norm(v, num_heads: int):
+    """The "value_norm" statistic: values [B, Nk, KVH, D] -> [B, Nk] fp32, the L2 norm of each
+    key's value concatenated over the `num_heads` query heads (a KV head counted once per query
+    head it serves: H / KVH times), with no gradient (a selection weight)."""
+    v = jax.lax.stop_gradient(v).astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(v * v, axis=(2, 3)) * (num_heads // v.shape[2]))
+
+
+FULL_WIDTH_STATS = ("full_key", "full_cls_probs")
+"""The statistics of one head over the full width (the heads concatenated), from q and k."""
+
+
+def full_width_stats(q, k, stats, *, key_size=None, causal: bool = False,
+                     query_index=0) -> dict:
+    """The statistics of `stats` that treat the heads as one head of width C = H * D (LLaVA-
+    PruMerge's attention on a CLIP layer's raw q_proj / k_proj outputs), from q [B, Nq, H, D]
+    and k [B, Nk, H, D] (the same head count; `check_inputs` enforces it):
+    "full_key" [B, Nk, C] the keys with their heads concatenated (k's dtype, differentiable
+    like "mean_key"); "full_cls_probs" [B, Nk] (or [B, L, Nk] for a sequence of indices)
+    softmax(q_full[query_index] . k_full^T * C**-0.5 + log(key_size)) with the causal mask
+    (fp32, no gradient; the `scale` of the per-head attention does not apply). Other names are
+    skipped."""
+    out = {}
+    b, nk = k.shape[0], k.shape[1]
+    if "full_key" in stats:
+        out["full_key"] = k.reshape(b, nk, -1)
+    if "full_cls_probs" in stats:
+        nq = q.shape[1]
+        pos = jnp.asarray(query_index) % nq
+        rows = jax.lax.stop_gradient(jnp.take(q, pos, axis=1)).reshape(
+            b, *jnp.shape(pos), -1)                                    # [B, (L,) C]
+        keys = jax.lax.stop_gradient(k).reshape(b, nk, -1)
+        logits = jnp.einsum("b...c,bkc->b...k", rows, keys, preferred_element_type=jnp.float32,
+                            precision=jax.lax.Precision.HIGHEST) * keys.shape[-1] ** -0.5
+        if key_size is not None:
+            kb = jnp.log(jax.lax.stop_gradient(key_size).astype(jnp.float32))
+            logits = logits + kb.reshape((b,) + (1,) * (logits.ndim - 2) + (nk,))
+        if causal:
+            visible = jnp.arange(nk) <= pos[..., None] + (nk - nq)
+            logits = jnp.where(visible, logits, -jnp.inf)
+        out["full_cls_probs"] = jax.nn.softmax(logits, axis=-1)
+    return out
 
 
 PROBABILITY_STATS = ("cls_probs", "key_mass", "probs")
