@@ -62,6 +62,19 @@ def _norm(prefix: str, module) -> dict:
     return {f"{prefix}.weight": (module.scale, _ID), f"{prefix}.bias": (module.bias, _ID)}
 
 
+def _reducer_variables(model: VisionTransformer, layer: int, module) -> dict:
+    """A learned reducer's parameters at `layer`: under its reference code's names when the
+    reducer and its module declare them (`torch_prefix`, `torch_names`: DynamicViT's
+    `score_predictor.<p>`, Cropr's `cropr.<i>`), else `jax_tokens.blocks.<l>.reducer.<path>`."""
+    red = model.cfg.reduction
+    if hasattr(red, "torch_prefix") and hasattr(module, "torch_names"):
+        prefix = red.torch_prefix(model.cfg.layout(), layer)
+        return {f"{prefix}.{name}": (var, _LINEAR if kind == "linear" else _ID)
+                for name, (var, kind) in module.torch_names().items()}
+    return {f"jax_tokens.blocks.{layer}.reducer." + ".".join(str(k) for k in path): (var, _ID)
+            for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
 def timm_variables(model: VisionTransformer) -> dict[str, tuple[nnx.Variable, _Transform]]:
     """timm name -> (the model's variable, (timm->ours, ours->timm) layout transforms)."""
     out: dict = {"patch_embed.proj.weight": (model.patch_embed.kernel, _CONV),
@@ -83,9 +96,8 @@ def timm_variables(model: VisionTransformer) -> dict[str, tuple[nnx.Variable, _T
             out[f"{p}.ls1.gamma"] = (blk.ls1.gamma, _ID)
             out[f"{p}.ls2.gamma"] = (blk.ls2.gamma, _ID)
         if blk.reducer is not None:   # a learned reducer's parameters (not in timm)
-            for path, var in nnx.to_flat_state(nnx.state(blk.reducer, nnx.Param)):
-                out[f"jax_tokens.{p}.reducer." + ".".join(str(k) for k in path)] = (var, _ID)
-    out.update(_norm("norm", model.norm))
+            out.update(_reducer_variables(model, i, blk.reducer))
+    out.update(_norm("fc_norm" if model.cfg.fc_norm else "norm", model.norm))
     out.update(_linear("head", model.head))
     if model.head_dist is not None:
         out.update(_linear("head_dist", model.head_dist))

@@ -73,7 +73,9 @@ class ViTConfig(PatchGrid):
     pos_embed: str = "learn"          # "learn" | "sincos" | "none"
     no_embed_class: bool = False      # position embedding only on patch tokens (timm flag)
     layer_scale_init: float | None = None
-    global_pool: str = "token"        # "token" | "avg" (size-weighted over patch tokens)
+    global_pool: str = "token"        # "token" | "avg" (size-weighted over patch tokens) |
+                                      # "avg_all" (over every token, prefix too: Cropr's head)
+    fc_norm: bool = False             # the final norm on the pooled feature (timm's fc_norm)
     ln_eps: float = 1e-6
     attn_impl: str = "auto"
     trace_source: bool = False        # track which patches each token covers (aux["source_index"])
@@ -93,8 +95,12 @@ class ViTConfig(PatchGrid):
                              f"num_heads={self.num_heads}")
         if self.pos_embed not in ("learn", "sincos", "none"):
             raise ValueError(f"pos_embed={self.pos_embed!r} is not one of learn, sincos, none")
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool={self.global_pool!r} is not one of token, avg")
+        if self.global_pool not in ("token", "avg", "avg_all"):
+            raise ValueError(f"global_pool={self.global_pool!r} is not one of token, avg, "
+                             "avg_all")
+        if self.fc_norm and self.global_pool == "token":
+            raise ValueError("fc_norm=True needs global_pool='avg' or 'avg_all' (timm applies "
+                             "it to the pooled feature)")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
         if self.distill_token and not self.class_token:
@@ -121,7 +127,8 @@ class ViTConfig(PatchGrid):
         return TokenLayout(depth=self.depth, num_tokens=self.num_tokens,
                            num_prefix_tokens=self.num_prefix_tokens,
                            class_token=self.class_token, distill_token=self.distill_token,
-                           embed_dim=self.embed_dim, num_heads=self.num_heads)
+                           embed_dim=self.embed_dim, num_heads=self.num_heads,
+                           num_classes=self.num_classes)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the reduction as {"method": ..., ...}); `ViTConfig(**d)` inverts
@@ -227,9 +234,12 @@ class Attention(nnx.Module):
         y = lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=lin.precision)
         return y if bias is None else y + bias
 
-    def probabilities(self, x, *, key_size=None):
+    def probabilities(self, x, *, key_size=None, key_policy=None, eps: float = 1e-6):
         """[B, N, C] -> the attention probabilities [B, H, N, N] (fp32, differentiable, plain
-        XLA; log(key_size) added to the logits): for reducers placed before the attention."""
+        XLA): for reducers placed before the attention (log(key_size) added to the logits), or
+        under a keep policy [B, N] (DynamicViT's softmax_with_policy: each key's exp(logit -
+        max) times its policy, a query always seeing itself, then (a + eps/N) / (sum + eps);
+        gradients reach the policy)."""
         b, n, c = x.shape
         d = c // self.num_heads
         qk = self._project(x, slice(0, 2 * c)).reshape(b, n, 2, self.num_heads, d)
@@ -237,7 +247,13 @@ class Attention(nnx.Module):
                             preferred_element_type=jnp.float32) * d ** -0.5
         if key_size is not None:
             logits = logits + jnp.log(key_size.astype(jnp.float32))[:, None, None, :]
-        return jax.nn.softmax(logits, axis=-1)
+        if key_policy is None:
+            return jax.nn.softmax(logits, axis=-1)
+        policy = key_policy.astype(jnp.float32)[:, None, None, :]
+        eye = jnp.eye(n, dtype=jnp.float32)
+        policy = policy + (1.0 - policy) * eye
+        a = jnp.exp(logits - logits.max(axis=-1, keepdims=True)) * policy
+        return (a + eps / n) / (a.sum(axis=-1, keepdims=True) + eps)
 
     def __call__(self, x, *, key_size=None, stats=(), probs=None):
         b, n, c = x.shape
@@ -283,6 +299,8 @@ class Block(nnx.Module):
         if other:
             raise ValueError(f"statistic {other[0]!r} is not available to a reducer placed "
                              "before the attention (only probs, key_mass, cls_probs)")
+        if not stats:
+            return {}
         probs = self.attn.probabilities(self.norm1(x), key_size=key_size)
         out = attention_xla.probability_stats(probs, stats)
         if "probs" in stats:      # differentiable here: the reducer's weights come from it
@@ -401,15 +419,30 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"reducer {red.label()!r} draws random numbers: call the model with "
                              "key=jax.random.key(...)")
         plans = []
+        rejoin = red.rejoin_block(layout)
+        if rejoin is not None and source_index is not None:
+            raise ValueError(f"trace_source=True does not support reducer {red.label()!r}: its "
+                             "set-aside tokens rejoin later")
+        set_aside = []   # (tokens, sizes) each active call set aside, for `rejoin`
+
+        def attend(blk, x, size, sized: bool, stats=(), probs=None):
+            if probs is None and red.policy_attention:   # a keep policy (DynamicViT training)
+                probs = blk.attn.probabilities(blk.norm1(x), key_policy=size[..., 0])
+            key_size = size[..., 0] if (red.proportional_attention and sized) else None
+            return blk.attend(x, key_size=key_size, stats=stats, probs=probs)
+
         for l, (blk, spec) in enumerate(zip(self.blocks, specs)):
-            # Sizes enter attention from the second block on (all ones before: log 1 = 0).
-            key_size = size[..., 0] if (red.proportional_attention and l > 0) else None
+            if l == rejoin and set_aside:
+                x = jnp.concatenate([x] + [t for t, _ in set_aside], axis=1)
+                size = jnp.concatenate([size] + [s for _, s in set_aside], axis=1)
             stats = red.stats(layout, spec) if spec.active else ()
             place = red.placement(spec) if spec.active else "mid"
             if place == "before":   # the reducer runs on the block's input (one-step-ahead)
+                key_size = size[..., 0] if (red.proportional_attention and l > 0) else None
                 st = blk.input_stats(x, stats, key_size=key_size)
             else:
-                x, st = blk.attend(x, key_size=key_size, stats=stats)
+                # Sizes enter attention from the second block on (all ones before: log 1 = 0).
+                x, st = attend(blk, x, size, l > 0, stats)
             if place == "after":
                 x = shd.constrain(blk.feed_forward(x), _ACT)
             if spec.active:
@@ -424,25 +457,29 @@ class VisionTransformer(nnx.Module):
                                       module=blk.reducer)
 
                 # Selection on each device's own examples under a mesh (no batch all-gather).
-                size_in = size
+                x_in, size_in = x, size
                 x, size, plan = shd.per_example(run, x, size, st) if red.per_example(spec) \
                     else run(x, size, st)
                 if source_index is not None:
                     source_index = tk.update_source_index(source_index, plan.assignment)
+                if rejoin is not None:
+                    set_aside.append((plan.set_aside(x_in), plan.set_aside(size_in)))
                 plans.append(plan)
                 if place == "before":   # attention of the reduced tokens: given or afresh
                     probs = red.reduce_attention(layout, spec, plan, size_in, st)
-                    key_size = size[..., 0] if red.proportional_attention else None
-                    x, _ = blk.attend(x, key_size=key_size, probs=probs)
+                    x, _ = attend(blk, x, size, True, probs=probs)
             if place != "after":
                 x = shd.constrain(blk.feed_forward(x), _ACT)
-        x = self.norm(x)
+        if not cfg.fc_norm:
+            x = self.norm(x)
         if cfg.global_pool == "token":
             feats = x[:, 0]
-        else:
-            p = cfg.num_prefix_tokens
-            w = size[:, p:]
+        else:   # size-weighted mean over the patch tokens ("avg") or every token ("avg_all")
+            p = cfg.num_prefix_tokens if cfg.global_pool == "avg" else 0
+            w = size[:, p:].astype(x.dtype)
             feats = (x[:, p:] * w).sum(axis=1) / w.sum(axis=1)
+        if cfg.fc_norm:
+            feats = self.norm(feats)
         logits = self.head(feats)
         aux = {"features": feats, "tokens": [s.n_in for s in specs] + [specs[-1].n_out],
                "size": size, "plans": plans, "last_hidden_state": x}

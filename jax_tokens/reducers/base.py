@@ -13,6 +13,9 @@ what is allowed) and answers every question a model or trainer asks about it:
     reducer.placement(spec[l])               # where in the block it runs ("mid" for most)
     x, size, plan = reducer.reduce(layout, spec[l], x, size, stats, key=..., module=...)
     reducer.reduce_attention(layout, spec[l], plan, size, stats)   # "before" placement only
+    reducer.training()                       # the reducer the train step runs (default: itself)
+    reducer.loss(layout, logits, aux, labels=..., teacher=...)   # its own training loss
+    reducer.rejoin_block(layout)             # where set-aside tokens come back (Cropr's LLF)
 
 Nothing outside `jax_tokens.reducers` asks which method is in use: it asks the reducer. Every
 budget is a Python int (or float turned into an int) at trace time, so `schedule` fixes every
@@ -41,6 +44,8 @@ class TokenLayout:
       class_token / distill_token: whether tokens 0 / 1 are a class / distillation token
         (ToMe protects exactly these two).
       embed_dim, num_heads: the width of the residual stream and the attention heads.
+      num_classes: the classifier's classes (0: unknown; reducers with auxiliary heads, such
+        as Cropr's, need it).
     """
 
     depth: int
@@ -50,6 +55,7 @@ class TokenLayout:
     distill_token: bool = False
     embed_dim: int = 0
     num_heads: int = 1
+    num_classes: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -103,6 +109,7 @@ class Reducer:
     learned: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
     picture: ClassVar[str] = "groups"
+    needs_teacher: ClassVar[bool] = False
 
     # -- the static schedule --------------------------------------------------------------------
     def schedule(self, layout: TokenLayout) -> tuple[LayerSpec, ...]:
@@ -149,6 +156,39 @@ class Reducer:
         """Whether `reduce` may run on each device's own examples under a mesh
         (`jax.shard_map`); False for reducers that own parameters or draw random numbers."""
         return not (self.learned or self.needs_key)
+
+    @property
+    def policy_attention(self) -> bool:
+        """Whether token sizes are a keep policy (1 kept, 0 dropped, carrying gradients) that
+        every block's attention applies multiplicatively, as DynamicViT's softmax_with_policy
+        does in training: exp(logits - max) times the policy of each key (a query always
+        sees itself), then (a + eps / N) / (sum + eps) with eps = 1e-6. The block computes
+        these probabilities in plain XLA (fp32, N x N), so only training-time reducers that
+        keep every token (static N) ask for it."""
+        return False
+
+    def rejoin_block(self, layout: TokenLayout) -> int | None:
+        """The block before which the tokens every active call set aside (`plan.set_aside`)
+        come back, concatenated after the kept tokens in pruning order (Token Cropr's "LLF");
+        None (the default): dropped tokens are gone."""
+        return None
+
+    # -- training -------------------------------------------------------------------------------
+    def training(self) -> "Reducer":
+        """The reducer the train step runs; evaluation and export run `self`. DynamicViT's
+        keeps every token and samples a Gumbel-softmax keep policy; Cropr's also runs its
+        auxiliary classifier heads. Both share `self`'s parameters (`make_module`)."""
+        return self
+
+    def loss(self, layout: TokenLayout, logits: jax.Array, aux: dict[str, Any], *,
+             labels: jax.Array,
+             teacher: tuple[jax.Array, dict[str, Any]] | None = None
+             ) -> tuple[jax.Array | float, dict[str, jax.Array]]:
+        """The reducer's own training loss terms, added to the classification loss: (total,
+        {name: term}) from the model's logits and aux (its "plans", "last_hidden_state"), the
+        integer labels [B] and, when `needs_teacher`, the unreduced model's (logits, aux) on
+        the same images (gradients stopped). Default: none."""
+        return 0.0, {}
 
     # -- costs and warm-up ----------------------------------------------------------------------
     def flops(self, layout: TokenLayout, spec: LayerSpec) -> int:

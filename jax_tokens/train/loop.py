@@ -291,7 +291,9 @@ def _train(config, workdir: str, log: Callable[[str], None], t_start: float) -> 
                     pending = []
                     now = time.perf_counter()
                     ips = interval_images / max(now - interval_t0, 1e-9)
-                    info = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    # Keys may differ between warm-up phases (a reducer's loss terms).
+                    keys = dict.fromkeys(k for m in host for k in m)
+                    info = {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
                     info["images_per_s"] = ips
                     writer.write(step, {f"train/{k}": v for k, v in info.items()})
                     rate = trained_images / max(now - train_t0, 1e-9)

@@ -17,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 from jax_tokens import models
+from jax_tokens import reducers
 from jax_tokens import sharding as shd
 
 __all__ = ["make_optimizer", "TrainState", "init_model", "make_train_step", "make_forward",
@@ -121,9 +122,19 @@ def make_train_step(graphdef, tx, schedule, *, num_classes: int, reduction: Any 
 
     def loss_fn(params, rest, images, labels, key):
         model = nnx.merge(graphdef, params, rest)
-        logits, _ = model(images, key=key, reduction=reduction)
+        red = reducers.from_config(reduction if reduction is not None
+                                   else getattr(model.cfg, "reduction", None))
+        train_red = red.training()   # DynamicViT: Gumbel policies; Cropr: its auxiliary heads
+        logits, aux = model(images, key=key, reduction=train_red)
         loss, acc = _loss_and_metrics(logits, labels, num_classes, label_smoothing)
-        return loss, acc
+        if not hasattr(model.cfg, "layout"):   # models without reducer slots (LookupViT)
+            return loss, (acc, {})
+        teacher = None
+        if train_red.needs_teacher:  # the unreduced model on the same images, no gradient
+            teacher = jax.lax.stop_gradient(model(images, reduction=reducers.get("none")()))
+        extra, terms = train_red.loss(model.cfg.layout(), logits, aux, labels=labels,
+                                      teacher=teacher)
+        return loss + extra, (acc, {"task_loss": loss, **terms} if terms else {})
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -131,7 +142,7 @@ def make_train_step(graphdef, tx, schedule, *, num_classes: int, reduction: Any 
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         images, labels = batch["image"], batch["label"]
         if k == 1:
-            (loss, acc), grads = grad_fn(state.params, rest, images, labels, key)
+            (loss, (acc, terms)), grads = grad_fn(state.params, rest, images, labels, key)
         else:
             b = images.shape[0]
             # Row i of micro-batch j is batch row i * k + j: every device keeps its own rows.
@@ -140,18 +151,24 @@ def make_train_step(graphdef, tx, schedule, *, num_classes: int, reduction: Any 
 
             def body(carry, xs):
                 img, lab, j = xs
-                (l, a), g = grad_fn(state.params, rest, img, lab, jax.random.fold_in(key, j))
-                g_sum, l_sum, a_sum = carry
-                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, a_sum + a), None
+                (l, (a, t)), g = grad_fn(state.params, rest, img, lab,
+                                         jax.random.fold_in(key, j))
+                g_sum, l_sum, a_sum, t_sum = carry
+                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, a_sum + a,
+                        jax.tree.map(jnp.add, t_sum, t)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, loss, acc), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+            t_shape = jax.eval_shape(grad_fn, state.params, rest, micro[0][0], micro[1][0],
+                                     key)[0][1][1]
+            t_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t_shape)
+            (grads, loss, acc, terms), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, t_zeros), micro)
             grads = jax.tree.map(lambda g: g / k, grads)
             loss, acc = loss / k, acc / k
+            terms = jax.tree.map(lambda t: t / k, terms)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
+                   "lr": schedule(state.step), **terms}   # terms: a reducer's loss parts
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
