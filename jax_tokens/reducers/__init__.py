@@ -27,7 +27,7 @@ from jax_tokens.reducers.registry import (fields, from_config, get, names, regis
 from jax_tokens.reducers import identity, tome, topk, evit, token_learner  # noqa: E402,F401
 from jax_tokens.reducers import tofu, diffrate, ppt, atc, pitome  # noqa: E402,F401
 from jax_tokens.reducers import kmedoids, dpcknn, mctf  # noqa: E402,F401
-from jax_tokens.reducers import dynamicvit  # noqa: E402,F401
+from jax_tokens.reducers import dynamicvit, cropr  # noqa: E402,F401
 
 __all__ = ["Reducer", "TokenLayout", "LayerSpec", "register", "get", "names", "fields",
            "from_config", "upgrade_legacy", "check_layers"]
