@@ -29,6 +29,7 @@ from jax_tokens.reducers import tofu, diffrate, ppt, atc, pitome  # noqa: E402,F
 from jax_tokens.reducers import kmedoids, dpcknn, mctf  # noqa: E402,F401
 from jax_tokens.reducers import dynamicvit, cropr  # noqa: E402,F401
 from jax_tokens.reducers import ats  # noqa: E402,F401
+from jax_tokens.reducers import fastervlm, visionzip, divprune, prumerge  # noqa: E402,F401
 
 __all__ = ["Reducer", "TokenLayout", "LayerSpec", "register", "get", "names", "fields",
            "from_config", "upgrade_legacy", "check_layers"]
