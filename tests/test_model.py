@@ -234,7 +234,16 @@ _KEPT = tuple(197 - 16 * (i + 1) for i in range(11)) + (11,)
                                  reducers.get("dpcknn")(layers=(3, 6, 9), keep_rate=0.5),
                                  reducers.get("tofu")(r=16, prune_layers=3, clamp_r=True),
                                  reducers.get("ppt")(r=16, layers=tuple(range(12)),
-                                                     clamp_r=True)],
+                                                     clamp_r=True),
+                                 reducers.get("dynamicvit")(layers=(3, 6, 9),
+                                                            keep_ratio=(0.7, 0.49, 0.343)),
+                                 reducers.get("cropr")(rate=16),
+                                 reducers.get("ats")(layers=tuple(range(3, 12)),
+                                                     num_tokens=0.9),
+                                 reducers.get("fastervlm")(keep=98, layers=(5,), place="mid"),
+                                 reducers.get("visionzip")(keep=98, layers=(5,)),
+                                 reducers.get("divprune")(keep=98, layers=(5,)),
+                                 reducers.get("prumerge")(keep=98, layers=(5,))],
                          ids=lambda r: r.method)
 def test_flops_estimate_matches_xla_for_vit_b16(red):
     """Every registered reducer in ViT-B/16 (test_every_registered_reducer_has_a_flops_case

@@ -48,7 +48,7 @@ def layouts(draw, min_tokens=3):
     return reducers.TokenLayout(depth=1, num_tokens=n, num_prefix_tokens=prefix,
                                 class_token=class_token,
                                 distill_token=class_token and prefix >= 2,
-                                embed_dim=dim, num_heads=heads)
+                                embed_dim=dim, num_heads=heads, num_classes=3)
 
 
 def _prunable(layout):
@@ -123,6 +123,35 @@ STRATEGIES = {
     "token_learner": lambda lay: st.builds(
         lambda m: reducers.get("token_learner")(layers=(0,), num_tokens=m),
         m=st.integers(1, _prunable(lay) - 1)),
+    # ATS scores by the class token's attention: without one it cannot run (inactive here).
+    "ats": lambda lay: st.builds(
+        lambda k, **kw: reducers.get("ats")(layers=(0,) if lay.class_token else (),
+                                            num_tokens=k, **kw),
+        k=st.one_of(st.integers(2, _prunable(lay)), st.sampled_from([1.0, 0.5])),
+        drop_tokens=st.booleans()),
+    "fastervlm": lambda lay: st.builds(
+        lambda **kw: reducers.get("fastervlm")(layers=(0,), **kw),
+        keep=st.integers(1, _prunable(lay)), place=st.sampled_from(["after", "mid"])),
+    "divprune": lambda lay: st.builds(
+        lambda **kw: reducers.get("divprune")(layers=(0,), **kw),
+        keep=st.integers(1, _prunable(lay))),
+    "visionzip": lambda lay: st.integers(1, _prunable(lay)).flatmap(lambda k: st.builds(
+        lambda **kw: reducers.get("visionzip")(layers=(0,), keep=k, **kw),
+        contextual=st.one_of(st.none(), st.integers(0, k)),
+        place=st.sampled_from(["after", "mid"]))),
+    "prumerge": lambda lay: st.builds(
+        lambda **kw: reducers.get("prumerge")(layers=(0,), **kw),
+        keep=st.integers(1, _prunable(lay)), adaptive=st.booleans(),
+        neighbors=st.integers(0, _prunable(lay) - 1),
+        scope=st.sampled_from(["batch", "image"]), prop_attn=st.booleans()),
+    "dynamicvit": lambda lay: st.builds(
+        lambda k: reducers.get("dynamicvit")(layers=(0,), keep_ratio=(k + 0.5) / _prunable(lay)),
+        k=st.integers(1, _prunable(lay) - 1)),
+    "cropr": lambda lay: st.builds(
+        lambda rate, **kw: reducers.get("cropr")(layers=(0,), llf=False, rate=rate - 1, **kw),
+        rate=st.integers(2, _prunable(lay) - 1), num_queries=st.integers(1, 2),
+        pre_attn_norm=st.booleans(), k_proj=st.booleans(),
+        num_heads=st.sampled_from([1, lay.num_heads])),
 }
 
 
@@ -217,7 +246,10 @@ def _check(method, case):
     back = np.asarray(plan.invert(jnp.asarray(applied)))
     w1 = np.asarray(plan.matrix())
     own = np.take_along_axis(w1, np.maximum(a, 0)[:, None, :], axis=1)[:, 0]   # W[b, a[n], n]
-    kept = (a >= 0) & (own == 1.0)
+    # (alone: VisionZip's contextual tokens and PruMerge's kept tokens carry weight 1 too, but
+    # share their slot with the tokens merged into them)
+    alone = np.take_along_axis((w1 != 0).sum(axis=2) == 1, np.maximum(a, 0), axis=1)
+    kept = (a >= 0) & (own == 1.0) & alone
     np.testing.assert_array_equal(back[kept], xf[kept])
     # jit == eager.
     yj, sj, _ = jax.jit(reduce)(x, size, stats)

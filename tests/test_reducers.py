@@ -156,6 +156,13 @@ EXAMPLES = {
     "kmedoids": dict(layers=(1,), keep_rate=0.5),
     "dpcknn": dict(layers=(1,), keep_rate=0.5, k=3),
     "mctf": dict(r=3),
+    "dynamicvit": dict(layers=(1, 2), keep_ratio=(0.5, 0.25)),
+    "cropr": dict(rate=3),
+    "ats": dict(layers=(1,), num_tokens=8),
+    "fastervlm": dict(keep=8, layers=(1,)),
+    "visionzip": dict(keep=8, layers=(1,)),
+    "divprune": dict(keep=8, layers=(1,)),
+    "prumerge": dict(keep=8, layers=(1,), neighbors=4),
 }
 
 
@@ -168,8 +175,12 @@ def test_every_registered_reducer_answers_the_protocol(method):
     layout = cfg.layout()
     specs = red.schedule(layout)
     assert len(specs) == layout.depth and specs[0].n_in == layout.num_tokens
-    for a, b in zip(specs, specs[1:]):
-        assert b.n_in == a.n_out                                 # counts chain
+    rejoin = red.rejoin_block(layout)
+    for l, (a, b) in enumerate(zip(specs, specs[1:]), start=1):
+        if l == rejoin:                                          # set-aside tokens return
+            assert b.n_in == layout.num_tokens
+        else:
+            assert b.n_in == a.n_out                             # counts chain
     for s in specs:
         assert s.active or s.n_out == s.n_in
         if s.active:

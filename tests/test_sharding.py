@@ -28,7 +28,16 @@ DP_FAMILY = {"mctf": dict(r=2), "pitome": dict(ratio=0.8), "diffrate": dict(
     # reducer's parameters stay out of it) and XLA all-gathers its top-k: measured 4
     # all-gathers. Its parameter-free form is checked here.
     "dpcknn": dict(layers=(1,), keep_rate=0.5, equal_weight=True),
-    "tofu": dict(r=2, prune_layers=1), "ppt": dict(r=2, layers=(0, 1))}
+    "tofu": dict(r=2, prune_layers=1), "ppt": dict(r=2, layers=(0, 1)),
+    # Pruning and token selection: the learned predictors score outside the per-device
+    # shard_map and select inside it; the selectors and ATS select per device.
+    "dynamicvit": dict(layers=(1,), keep_ratio=(0.5,)), "cropr": dict(rate=3, llf=False),
+    "ats": dict(layers=(1,), num_tokens=8), "fastervlm": dict(keep=8, layers=(1,)),
+    "visionzip": dict(keep=8, layers=(1,)), "divprune": dict(keep=8, layers=(1,)),
+    "prumerge": dict(keep=8, layers=(1,), neighbors=4)}
+# Their training paths on a 3-block model (Cropr with last-layer fusion).
+DP_TRAINING = {"dynamicvit": dict(layers=(1, 2), keep_ratio=(0.5, 0.25)),
+               "cropr": dict(rate=3, llf=True)}
 
 
 # ================================================================================================
@@ -47,6 +56,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     from jax_tokens import distributed
     from jax_tokens import sharding as shd
     from jax_tokens.models.vit import ViTConfig, VisionTransformer
+    from jax_tokens.reducers.identity import NoReduction
     from jax_tokens.reducers.token_learner import TokenLearner
     from jax_tokens.reducers.tome import ToMe
     from jax_tokens.reducers.topk import TopK
@@ -73,10 +83,22 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     # which Adam's g / (|g| + eps) would blow up to +-lr on any two summation orders.
     tx = optax.adamw(1e-3, eps=1e-4, weight_decay=0.05)
 
-    def make_step(graphdef):
+    def make_step(graphdef, training=False):
         def loss_fn(params, rest, images, labels):
-            logits, _ = nnx.merge(graphdef, params, rest)(images)
-            return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 10)).mean()
+            model = nnx.merge(graphdef, params, rest)
+            if not training:
+                logits, _ = model(images)
+                return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 10)).mean()
+            # A reducer's training path (as train.py runs it): its own reducer, a fixed key,
+            # the teacher when it needs one, and its loss terms.
+            red = model.cfg.reduction.training()
+            logits, aux = model(images, key=jax.random.key(7), reduction=red)
+            teacher = jax.lax.stop_gradient(model(images, reduction=NoReduction())) \
+                if red.needs_teacher else None
+            extra, _ = red.loss(model.cfg.layout(), logits, aux, labels=labels,
+                                teacher=teacher)
+            return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 10)).mean() + \
+                extra
 
         def step(params, opt_state, rest, b):
             loss, grads = jax.value_and_grad(loss_fn)(params, rest, b["image"], b["label"])
@@ -88,7 +110,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
         """Model + optimizer placed on `mesh` and the compiled step. The parameters are created
         already sharded (`jax.jit(init, out_shardings=...)`), or put there from `host`."""
 
-        def __init__(self, cfg, mesh, rules, host=None, jaxpr=False):
+        def __init__(self, cfg, mesh, rules, host=None, jaxpr=False, training=False):
             self.mesh, self.rules = mesh, rules
 
             def init():
@@ -110,7 +132,7 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
                                                 rules)
                 self.opt = jax.jit(tx.init, out_shardings=self.o_sh)(self.params)
                 self.b_sh = shd.batch_sharding(mesh, rules)
-                step = jax.jit(make_step(graphdef),
+                step = jax.jit(make_step(graphdef, training),
                                in_shardings=(self.p_sh, self.o_sh, self.r_sh, self.b_sh),
                                out_shardings=(self.p_sh, self.o_sh, shd.replicated(mesh),
                                               self.p_sh),
@@ -183,7 +205,8 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
             out[red] = res
         return out
 
-    # -- 1b. the merging family: the data-parallel step == one device, no activation moves ---
+    # -- 1b. the merging family, pruning and selection: the data-parallel step == one device,
+    # no activation moves ---------------------------------------------------------------------
     @section("dp_family")
     def _():
         from jax_tokens import reducers
@@ -197,6 +220,28 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
             host = jax.device_get((ref.params, ref.rest))
             ref_loss, ref_grads = ref()
             run = Run(cfg, mesh, rules, host=host)
+            loss, grads = run()
+            out[name] = {"loss": abs(float(loss) - float(ref_loss)),
+                         "grads": max_diff(grads, ref_grads),
+                         "params": max_diff(run.params, ref.params),
+                         "collectives": distributed.collective_counts(run.compiled.as_text())}
+        return out
+
+    # -- 1c. the training paths of the learned pruners (DynamicViT's Gumbel policies and
+    # distillation, Cropr's auxiliary heads): data parallel == one device -------------------
+    @section("dp_training")
+    def _():
+        from jax_tokens import reducers
+        out = {}
+        mesh, rules = mesh_for("8x1x1")
+        for name in DP_TRAINING:
+            cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
+                            depth=3, num_heads=2, mlp_ratio=4.0, attn_impl="xla",
+                            reduction=reducers.get(name)(**DP_TRAINING[name]))
+            ref = Run(cfg, single, shd.axis_rules("dp"), training=True)
+            host = jax.device_get((ref.params, ref.rest))
+            ref_loss, ref_grads = ref()
+            run = Run(cfg, mesh, rules, host=host, training=True)
             loss, grads = run()
             out[name] = {"loss": abs(float(loss) - float(ref_loss)),
                          "grads": max_diff(grads, ref_grads),
@@ -487,6 +532,16 @@ if __name__ != "__main__":
         gradients and updated parameters equal one device, and no all-gather / all-to-all
         (the matching runs on each device's own examples)."""
         e = _section(report, "dp_family")[reducer]
+        for what in ("loss", "grads", "params"):
+            assert e[what] <= TOL, (what, e)
+        c = e["collectives"]
+        assert c["all-gather"] == 0 and c["all-to-all"] == 0, c
+
+    @pytest.mark.parametrize("reducer", sorted(DP_TRAINING))
+    def test_training_paths_data_parallel_equal_one_device(report, reducer):
+        """DynamicViT's and Cropr's training paths (their own losses included) in the
+        8-device data-parallel step equal one device, without all-gather / all-to-all."""
+        e = _section(report, "dp_training")[reducer]
         for what in ("loss", "grads", "params"):
             assert e[what] <= TOL, (what, e)
         c = e["collectives"]
