@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +195,54 @@ def invert_by_assignment(y: jax.Array, assignment: jax.Array, fill: Any = 0.0) -
 # --------------------------------------------------------------------------------------------
 # Sizes and sources
 # --------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class WeightedGroupPlan:
+    """N input tokens -> M slots, each the weighted sum of its members: token n goes to slot
+    groups[n] (-1: dropped) with weight weights[n]. The plan of reducers that pool groups
+    (DPC-KNN's clusters, VisionZip's contextual tokens).
+
+    Attributes:
+      groups: [B, N] int32 output slot of each input token.
+      weights: [B, N] float32 its weight in that slot.
+    `matrix(size)` does not depend on sizes; `group_size` sums the members' sizes; `invert`
+    gives every token its slot's value (dropped ones 0).
+    """
+
+    groups: jax.Array
+    weights: jax.Array
+    n_out: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def n_in(self) -> int:
+        return self.groups.shape[-1]
+
+    @property
+    def assignment(self) -> jax.Array:
+        return self.groups
+
+    def matrix(self, size: jax.Array | None = None) -> jax.Array:
+        """Dense [B, M, N]: W[m, n] = weights[n] where token n goes to slot m."""
+        del size
+        return assignment_matrix(self.groups, self.n_out) * self.weights[..., None, :]
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """[B, N, ...] -> [B, M, ...]: `matrix() @ x` (fp32 sums, x's dtype out)."""
+        x = as_array("x", x)
+        check_tokens("x", x, rank=x.ndim, n=self.n_in)
+        flat = x.reshape(x.shape[:2] + (-1,))
+        out = reduce_by_assignment(flat, self.groups, self.n_out, "sum", self.weights)
+        return out.reshape((x.shape[0], self.n_out) + x.shape[2:])
+
+    def invert(self, y: jax.Array) -> jax.Array:
+        """[B, M, ...] -> [B, N, ...]: every token gets its slot's value."""
+        return invert_by_assignment(y, self.groups)
+
+    def group_size(self, size: jax.Array) -> jax.Array:
+        """[B, N, 1] sizes -> [B, M, 1]: the sum over each slot's members (fp32)."""
+        return reduce_by_assignment(as_array("size", size).astype(jnp.float32), self.groups,
+                                    self.n_out, "sum")
+
 
 def init_size(x: jax.Array) -> jax.Array:
     """Every input token stands for one patch: ones [B, N, 1] in float32."""

@@ -205,21 +205,20 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
             out[red] = res
         return out
 
-    # -- 1b. the merging family, pruning and selection: the data-parallel step == one device,
-    # no activation moves ---------------------------------------------------------------------
-    @section("dp_family")
-    def _():
+    def dp_equals_single(reductions, depth, training=False):
+        """Per reducer: the 8-way data-parallel step against one device (loss, gradients,
+        updated parameters) and the step's collectives."""
         from jax_tokens import reducers
         out = {}
         mesh, rules = mesh_for("8x1x1")
-        for name, kw in DP_FAMILY.items():
+        for name, kw in reductions.items():
             cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
-                            depth=2, num_heads=2, mlp_ratio=4.0, attn_impl="xla",
+                            depth=depth, num_heads=2, mlp_ratio=4.0, attn_impl="xla",
                             reduction=reducers.get(name)(**kw))
-            ref = Run(cfg, single, shd.axis_rules("dp"))
+            ref = Run(cfg, single, shd.axis_rules("dp"), training=training)
             host = jax.device_get((ref.params, ref.rest))
             ref_loss, ref_grads = ref()
-            run = Run(cfg, mesh, rules, host=host)
+            run = Run(cfg, mesh, rules, host=host, training=training)
             loss, grads = run()
             out[name] = {"loss": abs(float(loss) - float(ref_loss)),
                          "grads": max_diff(grads, ref_grads),
@@ -227,27 +226,17 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
                          "collectives": distributed.collective_counts(run.compiled.as_text())}
         return out
 
+    # -- 1b. the merging family, pruning and selection: the data-parallel step == one device,
+    # no activation moves ---------------------------------------------------------------------
+    @section("dp_family")
+    def _():
+        return dp_equals_single(DP_FAMILY, depth=2)
+
     # -- 1c. the training paths of the learned pruners (DynamicViT's Gumbel policies and
     # distillation, Cropr's auxiliary heads): data parallel == one device -------------------
     @section("dp_training")
     def _():
-        from jax_tokens import reducers
-        out = {}
-        mesh, rules = mesh_for("8x1x1")
-        for name in DP_TRAINING:
-            cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
-                            depth=3, num_heads=2, mlp_ratio=4.0, attn_impl="xla",
-                            reduction=reducers.get(name)(**DP_TRAINING[name]))
-            ref = Run(cfg, single, shd.axis_rules("dp"), training=True)
-            host = jax.device_get((ref.params, ref.rest))
-            ref_loss, ref_grads = ref()
-            run = Run(cfg, mesh, rules, host=host, training=True)
-            loss, grads = run()
-            out[name] = {"loss": abs(float(loss) - float(ref_loss)),
-                         "grads": max_diff(grads, ref_grads),
-                         "params": max_diff(run.params, ref.params),
-                         "collectives": distributed.collective_counts(run.compiled.as_text())}
-        return out
+        return dp_equals_single(DP_TRAINING, depth=3, training=True)
 
     # -- 2. Pallas attention inside jax.shard_map (interpret mode on CPU) ---------------------
     @section("pallas")

@@ -36,50 +36,10 @@ EPS = 1e-6      # added to every cluster's weight sum, as the reference's merge_
 
 
 @struct.dataclass
-class ClusterPlan:
+class ClusterPlan(tk.WeightedGroupPlan):
     """N input tokens -> M clusters, each the weighted mean w_i / (sum w + eps) of its members
-    (prefix tokens map to themselves with weight exactly 1).
-
-    Attributes:
-      groups: [B, N] int32 output slot of each input token.
-      weights: [B, N] float32 normalised weight of each token in its cluster (`norm_weight`).
-    `matrix(size)` does not depend on sizes (the mean is not size-weighted); `group_size` sums
-    the members' sizes; `invert` gives every token its cluster's value.
-    """
-
-    groups: jax.Array
-    weights: jax.Array
-    n_out: int = struct.field(pytree_node=False, default=0)
-
-    @property
-    def n_in(self) -> int:
-        return self.groups.shape[-1]
-
-    @property
-    def assignment(self) -> jax.Array:
-        return self.groups
-
-    def matrix(self, size: jax.Array | None = None) -> jax.Array:
-        """Dense [B, M, N]: W[m, n] = weights[n] where token n is in cluster m."""
-        del size
-        return tk.assignment_matrix(self.groups, self.n_out) * self.weights[..., None, :]
-
-    def apply(self, x: jax.Array) -> jax.Array:
-        """[B, N, ...] -> [B, M, ...]: `matrix() @ x` (fp32 sums, x's dtype out)."""
-        x = tk.as_array("x", x)
-        tk.check_tokens("x", x, rank=x.ndim, n=self.n_in)
-        flat = x.reshape(x.shape[:2] + (-1,))
-        out = tk.reduce_by_assignment(flat, self.groups, self.n_out, "sum", self.weights)
-        return out.reshape((x.shape[0], self.n_out) + x.shape[2:])
-
-    def invert(self, y: jax.Array) -> jax.Array:
-        """[B, M, ...] -> [B, N, ...]: every token gets its cluster's value."""
-        return tk.invert_by_assignment(y, self.groups)
-
-    def group_size(self, size: jax.Array) -> jax.Array:
-        """[B, N, 1] sizes -> [B, M, 1]: the sum over each cluster's members (fp32)."""
-        return tk.reduce_by_assignment(tk.as_array("size", size).astype(jnp.float32),
-                                       self.groups, self.n_out, "sum")
+    (prefix tokens map to themselves with weight exactly 1): `weights` are the normalised
+    weights (`norm_weight`); see `tokens.WeightedGroupPlan`."""
 
 
 def cluster_dpc_knn(x: jax.Array, num_clusters: int, k: int = 5,

@@ -62,8 +62,8 @@ def targets(remaining: int, contextual: int) -> np.ndarray:
 
 
 @struct.dataclass
-class VisionZipPlan:
-    """N input tokens -> p prefix + D dominant + K contextual tokens.
+class VisionZipPlan(tk.WeightedGroupPlan):
+    """N input tokens -> p prefix + D dominant + K contextual tokens (`tokens.WeightedGroupPlan`).
 
     Attributes:
       groups: [B, N] int32 output slot of each input token (-1: dropped, only without
@@ -72,44 +72,9 @@ class VisionZipPlan:
         tokens, 1 / (members of its target) for the merged ones, 0 for dropped ones.
       dominant: [B, D] int32 patch-token indices (prefix excluded) of the dominant tokens in
         descending attention (the reference's `all_indices[:, 1:] - 1` when p = 1).
-    `matrix` is one-hot by slot times the weights (sizes do not change it); `invert` gives
-    every token its slot's value (dropped ones 0); `group_size` sums the sizes per slot.
     """
 
-    groups: jax.Array
-    weights: jax.Array
-    dominant: jax.Array
-    n_out: int = struct.field(pytree_node=False, default=0)
-
-    @property
-    def n_in(self) -> int:
-        return self.groups.shape[-1]
-
-    @property
-    def assignment(self) -> jax.Array:
-        return self.groups
-
-    def matrix(self, size: jax.Array | None = None) -> jax.Array:
-        """Dense [B, M, N]: W[m, n] = weights[n] where token n goes to slot m."""
-        del size
-        return tk.assignment_matrix(self.groups, self.n_out) * self.weights[..., None, :]
-
-    def apply(self, x: jax.Array) -> jax.Array:
-        """[B, N, ...] -> [B, M, ...]: `matrix() @ x` (fp32 sums, x's dtype out)."""
-        x = tk.as_array("x", x)
-        tk.check_tokens("x", x, rank=x.ndim, n=self.n_in)
-        flat = x.reshape(x.shape[:2] + (-1,))
-        out = tk.reduce_by_assignment(flat, self.groups, self.n_out, "sum", self.weights)
-        return out.reshape((x.shape[0], self.n_out) + x.shape[2:])
-
-    def invert(self, y: jax.Array) -> jax.Array:
-        """[B, M, ...] -> [B, N, ...]: every token gets its slot's value."""
-        return tk.invert_by_assignment(y, self.groups)
-
-    def group_size(self, size: jax.Array) -> jax.Array:
-        """[B, N, 1] sizes -> [B, M, 1]: the sum over each slot's tokens (fp32)."""
-        return tk.reduce_by_assignment(tk.as_array("size", size).astype(jnp.float32),
-                                       self.groups, self.n_out, "sum")
+    dominant: jax.Array | None = None
 
 
 def visionzip(scores: jax.Array, metric: jax.Array, dominant: int, contextual: int, *,
