@@ -61,6 +61,20 @@ REDUCERS = {  # id -> (description, reducer)
         r=16, prune_layers=3, clamp_r=True)),
     "ppt": ("PPT r=16 every block", reducers.get("ppt")(r=16, layers=tuple(range(12)),
                                                         clamp_r=True)),
+    # Pruning and token selection, each at about half the FLOPs of ViT-B/16.
+    "dynamicvit": ("DynamicViT keep 0.5, 0.25, 0.125 before blocks 3,6,9", reducers.get(
+        "dynamicvit")(layers=(3, 6, 9), keep_ratio=(0.5, 0.25, 0.125))),
+    "cropr": ("Token Cropr rate 19 per block, LLF", reducers.get("cropr")(rate=19)),
+    "ats": ("ATS K = 0.5 of the slots @ blocks 3,6,9", reducers.get("ats")(
+        layers=(3, 6, 9), num_tokens=0.5)),
+    "fastervlm": ("FasterVLM keep 64 @ block 3", reducers.get("fastervlm")(
+        keep=64, layers=(3,), place="mid")),
+    "visionzip": ("VisionZip keep 64 @ block 3", reducers.get("visionzip")(
+        keep=64, layers=(3,), place="mid")),
+    "divprune": ("DivPrune keep 64 @ block 3", reducers.get("divprune")(
+        keep=64, layers=(3,), place="mid")),
+    "prumerge": ("PruMerge keep 64 (+1) @ block 3", reducers.get("prumerge")(
+        keep=64, layers=(3,), place="mid")),
 }
 
 
