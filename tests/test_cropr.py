@@ -172,3 +172,22 @@ def test_eval_jit_no_retrace():
 def test_bad_budgets(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ViTConfig(**SMALL, reduction=dict(method="cropr", **kw))
+
+
+def test_reduce_vmaps_over_examples():
+    """Eval and training reductions of one example at a time (jax.vmap) equal the batched."""
+    cfg = ViTConfig(**SMALL, reduction=dict(method="cropr", rate=3, llf=True))
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    layout, spec = cfg.layout(), cfg.schedule()[0]
+    x = jax.random.normal(jax.random.key(4), (3, spec.n_in, 32))
+    size = jnp.ones((3, spec.n_in, 1))
+    for red in (cfg.reduction, cfg.reduction.training()):
+        def one(xi, si, red=red):
+            y, s, plan = red.reduce(layout, spec, xi[None], si[None], {},
+                                    module=model.blocks[0].reducer)
+            return y[0], plan.set_aside(xi[None])[0]
+
+        y, aside = jax.vmap(one)(x, size)
+        y_b, _, plan = red.reduce(layout, spec, x, size, {}, module=model.blocks[0].reducer)
+        np.testing.assert_allclose(y, y_b, atol=1e-6)
+        np.testing.assert_allclose(aside, plan.set_aside(x), atol=1e-6)

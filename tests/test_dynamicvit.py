@@ -196,3 +196,16 @@ def test_budget_errors_name_the_layer():
         ViTConfig(**SMALL, reduction=dict(method="dynamicvit", layers=(1,), keep_ratio=(0.05,)))
     with pytest.raises(ValueError, match="contains 7"):
         ViTConfig(**SMALL, reduction=dict(method="dynamicvit", layers=(7,), keep_ratio=(0.5,)))
+
+
+def test_reduce_vmaps_over_examples():
+    """The eval reduction of one example at a time (jax.vmap) equals the batched one."""
+    model = _train_model()
+    red, layout = model.cfg.reduction, model.cfg.layout()
+    spec = red.schedule(layout)[1]
+    x = jax.random.normal(jax.random.key(4), (3, spec.n_in, 32))
+    size = jnp.ones((3, spec.n_in, 1))
+    batched = red.reduce(layout, spec, x, size, {}, module=model.blocks[1].reducer)[0]
+    one = jax.vmap(lambda xi, si: red.reduce(layout, spec, xi[None], si[None], {},
+                                             module=model.blocks[1].reducer)[0][0])(x, size)
+    np.testing.assert_allclose(one, batched, atol=1e-6)

@@ -266,3 +266,14 @@ def test_a_tokenlearner_checkpoint_from_before_the_registry_names_the_move(tmp_p
                              r"under 'lookup'"):
         ckpt.restore(1, new)
     ckpt.close()
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "visionzip", "prumerge", "ats"])
+def test_missing_statistics_are_named(method):
+    """A direct `reduce` call without the attention statistics the reducer asked for."""
+    red = reducers.get(method)(**EXAMPLES[method])
+    layout = ViTConfig(**SMALL, reduction=red).layout()
+    spec = red.schedule(layout)[1]
+    x = jnp.ones((2, spec.n_in, 32))
+    with pytest.raises(ValueError, match=r"needs the attention statistics .* missing "):
+        red.reduce(layout, spec, x, jnp.ones((2, spec.n_in, 1)), {})

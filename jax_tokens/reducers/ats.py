@@ -427,6 +427,7 @@ class ATS(base.Reducer):
         return self.replace(num_tokens=tuple(counts))
 
     def reduce(self, layout, spec, x, size, stats, *, key=None, module=None):
+        base.check_stats(self, layout, spec, stats)
         p = layout.num_prefix_tokens
         live = size[:, p:, 0] > 0
         scores = significance(stats["cls_probs"], stats["value_norm"], p)

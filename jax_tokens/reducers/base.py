@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 import jax
 
-__all__ = ["TokenLayout", "LayerSpec", "Reducer", "inactive_schedule", "check_layers"]
+__all__ = ["TokenLayout", "LayerSpec", "Reducer", "inactive_schedule", "check_layers",
+           "check_stats"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,18 @@ def inactive_schedule(layout: TokenLayout, n: int | None = None) -> tuple[LayerS
     """A schedule that changes nothing."""
     n = layout.num_tokens if n is None else n
     return tuple(LayerSpec(n, n) for _ in range(layout.depth))
+
+
+def check_stats(reducer: "Reducer", layout: TokenLayout, spec: LayerSpec,
+                stats: dict[str, Any]) -> None:
+    """ValueError naming the attention statistics a reducer asked for (`reducer.stats`) that
+    `stats` lacks, so that a direct `reduce` call without them fails clearly."""
+    missing = [name for name in reducer.stats(layout, spec) if name not in stats]
+    if missing:
+        raise ValueError(f"reducer {reducer.label()!r} needs the attention statistics "
+                         f"{tuple(reducer.stats(layout, spec))} at this block; missing "
+                         f"{tuple(missing)} (got {tuple(stats)}): pass what "
+                         "`attention(..., stats=reducer.stats(layout, spec))` returns")
 
 
 def check_layers(layers: tuple[int, ...], layout: TokenLayout) -> None:

@@ -125,6 +125,7 @@ class FasterVLM(OneBlockSelector):
         return ("cls_probs",)
 
     def reduce(self, layout, spec, x, size, stats, *, key=None, module=None):
+        base.check_stats(self, layout, spec, stats)
         p = layout.num_prefix_tokens
         scores = prune.cls_attention(stats["cls_probs"], p)
         plan = prune.topk(scores, spec.budget, protected=p, order="position")

@@ -60,6 +60,7 @@ import numpy as np
 from flax import struct
 
 from jax_tokens import tokens as tk
+from jax_tokens.reducers import base
 from jax_tokens.reducers.fastervlm import OneBlockSelector, l2_normalize
 from jax_tokens.reducers.registry import register
 
@@ -289,6 +290,7 @@ class PruMerge(OneBlockSelector):
             2 * spec.budget * self.neighbors * c + 2 * n * c
 
     def reduce(self, layout, spec, x, size, stats, *, key=None, module=None):
+        base.check_stats(self, layout, spec, stats)
         p = layout.num_prefix_tokens
         plan = prumerge(stats["full_cls_probs"][:, p:], stats["full_key"][:, p:], spec.budget,
                         adaptive=self.adaptive, neighbors=self.neighbors, scope=self.scope,

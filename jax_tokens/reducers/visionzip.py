@@ -42,6 +42,7 @@ import numpy as np
 from flax import struct
 
 from jax_tokens import tokens as tk
+from jax_tokens.reducers import base
 from jax_tokens.reducers.fastervlm import OneBlockSelector, l2_normalize
 from jax_tokens.reducers.registry import register
 
@@ -158,6 +159,7 @@ class VisionZip(OneBlockSelector):
         return 2 * (m - k) * k * layout.head_dim + 2 * (m - k) * layout.embed_dim
 
     def reduce(self, layout, spec, x, size, stats, *, key=None, module=None):
+        base.check_stats(self, layout, spec, stats)
         p, k = layout.num_prefix_tokens, self.num_contextual
         scores = stats["cls_probs"].astype(jnp.float32).sum(axis=1)[:, p:]
         plan = visionzip(scores, stats["mean_key"][:, p:], spec.budget - k, k, protected=p)
