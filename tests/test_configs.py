@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -57,8 +56,7 @@ def test_overrides_and_unknown_keys_list_valid_ones():
         trainer.load_config(_cfg("fashion_mnist_evit.py"), {"model.reduction.rr": 3})
     msg = str(e.value)
     assert "config.model.reduction.rr" in msg and "keep_rate" in msg and "layers" in msg
-    assert re.search(r"registered reducers: atc, diffrate, .*evit, .*mctf, none, .*"
-                     r"token_learner, tome, topk", msg)
+    assert "registered reducers: " + ", ".join(reducers.names()) in msg
     # ToMe's field on an EViT config: an error naming EViT's fields, not a silent new key.
     with pytest.raises(trainer.ConfigError, match=r"reduction.r'.*valid keys there: method, "
                                                   r"keep_rate, layers, fuse"):
@@ -206,8 +204,9 @@ def test_cli_unknown_key_and_budget_errors(tmp_path):
                    str(tmp_path / "w"), "--config.model.reduction.rr=3")
     assert out.returncode == 2, out.stderr
     assert "unknown config key 'config.model.reduction.rr'" in out.stderr
-    assert re.search(r"registered reducers: atc, diffrate, dpcknn, evit, kmedoids, mctf, none, "
-                     r"pitome, ppt, tofu, token_learner, tome, topk", out.stderr), out.stderr
+    library = sorted(n for n in reducers.names()
+                     if reducers.get(n).__module__.startswith("jax_tokens."))
+    assert "registered reducers: " + ", ".join(library) in out.stderr, out.stderr
     # Without --config (train.py's default file) the key is checked before the flag is defined,
     # which is when ml_collections would otherwise fail on it with a bare AttributeError.
     out = _run_cli("train.py", "--workdir", str(tmp_path / "w"), "--config.model.dpeth=3")
