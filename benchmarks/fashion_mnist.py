@@ -1,10 +1,11 @@
-"""Fashion-MNIST: the ViT vs ToMe, EViT, TokenLearner, LookupViT, MCTF and PiToMe, one recipe.
+"""Fashion-MNIST: the ViT vs ToMe, EViT, TokenLearner, LookupViT, MCTF, PiToMe, DynamicViT and
+Token Cropr, one recipe.
 
-    python benchmarks/fashion_mnist.py --train --root /tmp/fm_bench     # train all seven, then
+    python benchmarks/fashion_mnist.py --train --root /tmp/fm_bench     # train all nine, then
     python benchmarks/fashion_mnist.py --root /tmp/fm_bench             # compare them again
 
 `--train` runs `train.py` once per config
-(configs/fashion_mnist_{vit,tome,evit,lookup,lookupvit,mctf,pitome}.py) into ROOT/<name> (a run
+(configs/fashion_mnist_{vit,tome,evit,lookup,lookupvit,mctf,pitome,dynamicvit,cropr}.py) into ROOT/<name> (a run
 that finished is skipped; an interrupted one resumes). The comparison then
 loads every run's export in ONE process and prints a markdown table: test top-1 / top-5 on the
 10,000 test images, eval images/s of the compiled forward pass on one batch (all models
@@ -24,7 +25,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NAMES = ("vit", "tome", "evit", "lookup", "lookupvit", "mctf", "pitome")
+NAMES = ("vit", "tome", "evit", "lookup", "lookupvit", "mctf", "pitome", "dynamicvit", "cropr")
 
 
 def train_all(root: str, names, extra) -> None:
