@@ -9,13 +9,16 @@ and inputs with duplicates and ties. Invariants:
 * `plan.invert(plan.apply(x))` gives every kept token (its slot's only member) back exactly;
 * no NaN or Inf; `jax.jit` equals eager; the gradient is finite.
 
-CI runs a fast profile (4 cases per reducer). `python benchmarks/properties.py --examples N`
-runs N cases per reducer (the "long" profile; its count and result are in BENCHMARKS.md);
+Each case compiles one program holding every jitted check. CI runs a fast profile (4 cases
+per reducer, each also run eagerly). `python benchmarks/properties.py --examples N` runs N
+cases per reducer (the "long" profile: token counts and widths from buckets so programs are
+reused, the eager comparison on one case in ten; its count and result are in BENCHMARKS.md);
 `JAX_TOKENS_HYPOTHESIS=long` (and `JAX_TOKENS_HYPOTHESIS_EXAMPLES`) selects it here too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -34,7 +37,14 @@ settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
 settings.register_profile("long", deadline=None,
                           max_examples=int(os.environ.get("JAX_TOKENS_HYPOTHESIS_EXAMPLES", 2000)),
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("JAX_TOKENS_HYPOTHESIS", "ci"))
+PROFILE = os.environ.get("JAX_TOKENS_HYPOTHESIS", "ci")
+settings.load_profile(PROFILE)
+
+# The long profile draws token counts and head widths from buckets (odd and even, the smallest
+# legal ones included) so that its thousands of cases reuse compiled programs; the CI profile
+# draws any count in [3, 40] and any head width in [1, 8].
+TOKEN_BUCKETS = (3, 4, 5, 7, 8, 12, 17, 24, 40)
+HEAD_DIM_BUCKETS = (1, 3, 8)
 
 
 @st.composite
@@ -42,9 +52,14 @@ def layouts(draw, min_tokens=3):
     """A one-block model: tokens, prefix tokens (class / distillation / registers), width."""
     class_token = draw(st.booleans())
     prefix = int(class_token) + draw(st.integers(0, 2))
-    n = draw(st.integers(max(min_tokens, prefix + 3), 40))
+    low = max(min_tokens, prefix + 3)
     heads = draw(st.sampled_from([1, 2]))
-    dim = heads * draw(st.integers(1, 8))
+    if PROFILE == "long":
+        n = draw(st.sampled_from([t for t in TOKEN_BUCKETS if t >= low]))
+        dim = heads * draw(st.sampled_from(HEAD_DIM_BUCKETS))
+    else:
+        n = draw(st.integers(low, 40))
+        dim = heads * draw(st.integers(1, 8))
     return reducers.TokenLayout(depth=1, num_tokens=n, num_prefix_tokens=prefix,
                                 class_token=class_token,
                                 distill_token=class_token and prefix >= 2,
@@ -180,24 +195,63 @@ def cases(draw, method):
 
 
 def _inputs(layout, b, dtype, seed, ties, integer_sizes):
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    """NumPy-drawn inputs (drawing them with jax.random would compile per shape)."""
+    rng = np.random.default_rng(seed)
     n, c = layout.num_tokens, layout.embed_dim
-    x = jax.random.normal(k1, (b, n, c), jnp.float32)
+    x = rng.normal(size=(b, n, c)).astype(np.float32)
     if ties == "duplicate_tokens":       # every token repeated: equal similarities and scores
-        x = jnp.repeat(x[:, : (n + 1) // 2], 2, axis=1)[:, :n]
+        x = np.repeat(x[:, : (n + 1) // 2], 2, axis=1)[:, :n]
     elif ties == "constant":             # all tokens equal
-        x = jnp.broadcast_to(x[:, :1], x.shape)
-    size = (jax.random.randint(k2, (b, n, 1), 1, 5).astype(jnp.float32) if integer_sizes
-            else jnp.ones((b, n, 1), jnp.float32))
-    qk = jax.random.normal(k3, (b, n, layout.num_heads, layout.head_dim)).astype(dtype)
-    return x.astype(dtype), size, qk
+        x = np.broadcast_to(x[:, :1], x.shape)
+    size = (rng.integers(1, 5, size=(b, n, 1)).astype(np.float32) if integer_sizes
+            else np.ones((b, n, 1), np.float32))
+    qk = rng.normal(size=(b, n, layout.num_heads, layout.head_dim)).astype(np.float32)
+    return (jnp.asarray(x, dtype), jnp.asarray(size), jnp.asarray(qk, dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("names",))
+def _attention_stats(qk, v, names):
+    return attention(qk, qk, v, stats=names, impl="xla")[1]
 
 
 def _stats(layout, red, spec, x, qk):
-    """The attention statistics the reducer asks for (the XLA oracle, compiled once)."""
+    """The attention statistics the reducer asks for (the XLA oracle; one compile per shape)."""
     v = x.reshape(x.shape[:2] + (layout.num_heads, -1))
-    names = red.stats(layout, spec)
-    return jax.jit(lambda q, v: attention(q, q, v, stats=names, impl="xla")[1])(qk, v)
+    return _attention_stats(qk, v, tuple(red.stats(layout, spec)))
+
+
+def _reduce(red, layout, spec, x, size, stats, key, module=None):
+    return red.reduce(layout, spec, x, size, stats, key=key, module=module)
+
+
+def _outputs(method, red, layout, spec, x, size, stats, key, module=None):
+    """Everything the invariants look at, as one program: the reduction, the dense view
+    applied to the input, plan.apply / plan.matrix / plan.invert, and the gradient of the
+    output's sum of squares with respect to the input."""
+    y, new_size, plan = _reduce(red, layout, spec, x, size, stats, key, module)
+    xf = x.astype(jnp.float32)
+    w = plan.matrix(size if red.proportional_attention or method in SIZE_WEIGHTED else None)
+    expected = jnp.einsum("bmn,bnc->bmc", w, xf, precision="highest")
+    if hasattr(plan, "rescale"):   # ToFu's MLERP: a norm rescaling on top of the linear map
+        expected = plan.rescale(expected, xf, size)
+    applied = plan.apply(xf)
+    w1 = plan.matrix()
+    grad = jax.grad(lambda x_: jnp.sum(_reduce(red, layout, spec, x_, size, stats, key, module)[0]
+                                       .astype(jnp.float32) ** 2))(xf)
+    return dict(y=y, size=new_size, plan=plan, expected=expected, applied=applied, w1=w1,
+                applied_dense=jnp.einsum("bmn,bnc->bmc", w1, xf, precision="highest"),
+                back=plan.invert(applied), grad=grad)
+
+
+# Reducers and layouts are frozen dataclasses: hashable static arguments, so a case whose
+# reducer, layout and shapes were seen before reuses the compiled program (the long profile
+# draws shapes from buckets to make that common). A learned reducer's module (a fresh one per
+# case) is closed over instead.
+_outputs_jit = jax.jit(_outputs, static_argnames=("method", "red", "layout", "spec"))
+
+# The CI profile runs every case eagerly too; the long profile one case in EAGER_EVERY (eager
+# dispatch compiles each operation for each new shape: most of a case's cost).
+EAGER_EVERY = 1 if PROFILE == "ci" else 10
 
 
 def _check(method, case):
@@ -212,54 +266,51 @@ def _check(method, case):
         assert spec.n_out == spec.n_in == layout.num_tokens
         return
     stats = _stats(layout, red, spec, x, qk)
-
-    def reduce(x_, s_, st_):
-        return red.reduce(layout, spec, x_, s_, st_, key=key, module=module)
-
-    y, new_size, plan = reduce(x, size, stats)                    # eager
+    args = (x, size, stats, key)
+    if module is None:
+        out = _outputs_jit(method, red, layout, spec, *args)
+    else:
+        out = jax.jit(lambda *a: _outputs(method, red, layout, spec, *a, module))(*args)
+    out = {k: (v if k == "plan" else np.asarray(v.astype(jnp.float32))) for k, v in out.items()}
+    y, new_size, plan = out["y"], out["size"], out["plan"]
     c = layout.embed_dim
     # Static shapes as promised.
-    assert y.shape == (b, spec.n_out, c) and y.dtype == x.dtype
+    assert y.shape == (b, spec.n_out, c) and out_dtype(red, layout, spec, *args, module) == x.dtype
     assert new_size.shape == (b, spec.n_out, 1)
     assert (plan.n_in, plan.n_out) == (spec.n_in, spec.n_out)
     a = np.asarray(plan.assignment)
     assert a.shape == (b, spec.n_in) and a.min() >= -1 and a.max() < spec.n_out
     # Finite everywhere.
-    assert bool(jnp.isfinite(y.astype(jnp.float32)).all())
-    assert bool(jnp.isfinite(new_size).all())
+    assert np.isfinite(y).all() and np.isfinite(new_size).all()
     # Sizes add up to the sizes of the tokens that were not dropped.
     kept_size = np.where(a[..., None] >= 0, np.asarray(size), 0.0).sum((1, 2))
-    np.testing.assert_allclose(np.asarray(new_size).sum((1, 2)), kept_size, rtol=1e-5)
+    np.testing.assert_allclose(new_size.sum((1, 2)), kept_size, rtol=1e-5)
     # The output is the dense view applied to the input.
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=5e-2, rtol=5e-2)
-    xf = np.asarray(x.astype(jnp.float32))
-    w = np.asarray(plan.matrix(size if red.proportional_attention or method in SIZE_WEIGHTED
-                               else None))
-    expected = np.einsum("bmn,bnc->bmc", w, xf)
-    if hasattr(plan, "rescale"):   # ToFu's MLERP: a norm rescaling on top of the linear map
-        expected = np.asarray(plan.rescale(jnp.asarray(expected), jnp.asarray(xf), size))
-    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, **tol)
-    applied = np.asarray(plan.apply(jnp.asarray(xf)))
-    np.testing.assert_allclose(applied, np.einsum("bmn,bnc->bmc", np.asarray(plan.matrix()), xf),
-                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(y, out["expected"], **tol)
+    np.testing.assert_allclose(out["applied"], out["applied_dense"], atol=2e-5, rtol=1e-5)
     # Inverting gives every kept token (alone in its slot, weight 1) back exactly.
-    back = np.asarray(plan.invert(jnp.asarray(applied)))
-    w1 = np.asarray(plan.matrix())
+    xf, w1 = np.asarray(x.astype(jnp.float32)), out["w1"]
     own = np.take_along_axis(w1, np.maximum(a, 0)[:, None, :], axis=1)[:, 0]   # W[b, a[n], n]
     # (alone: VisionZip's contextual tokens and PruMerge's kept tokens carry weight 1 too, but
     # share their slot with the tokens merged into them)
     alone = np.take_along_axis((w1 != 0).sum(axis=2) == 1, np.maximum(a, 0), axis=1)
     kept = (a >= 0) & (own == 1.0) & alone
-    np.testing.assert_array_equal(back[kept], xf[kept])
-    # jit == eager.
-    yj, sj, _ = jax.jit(reduce)(x, size, stats)
-    np.testing.assert_allclose(np.asarray(yj.astype(jnp.float32)),
-                               np.asarray(y.astype(jnp.float32)), **tol)
-    np.testing.assert_allclose(np.asarray(sj), np.asarray(new_size), rtol=1e-6)
+    np.testing.assert_array_equal(out["back"][kept], xf[kept])
     # A finite gradient.
-    g = jax.jit(jax.grad(lambda x_: jnp.sum(reduce(x_, size, stats)[0].astype(jnp.float32)
-                                            ** 2)))(x.astype(jnp.float32))
-    assert bool(jnp.isfinite(g).all())
+    assert np.isfinite(out["grad"]).all()
+    # jit == eager.
+    if seed % EAGER_EVERY == 0:
+        ye, se, pe = _reduce(red, layout, spec, *args, module)
+        np.testing.assert_allclose(np.asarray(ye.astype(jnp.float32)), y, **tol)
+        np.testing.assert_allclose(np.asarray(se), new_size, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(pe.assignment), a)
+
+
+def out_dtype(red, layout, spec, x, size, stats, key, module):
+    """The output dtype, from the traced program (no compile)."""
+    return jax.eval_shape(lambda *a: _reduce(red, layout, spec, *a, module)[0],
+                          x, size, stats, key).dtype
 
 
 @pytest.mark.parametrize("method", sorted(STRATEGIES))
