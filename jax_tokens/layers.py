@@ -1,15 +1,18 @@
-"""Layers the models and the learned reducers share: the transformer MLP and the NNX metadata
-that names parameters' logical axes (`jax_tokens.sharding` maps them to mesh axes)."""
+"""Layers the models and the learned reducers share: the transformer MLP, the patch embedding,
+the NNX metadata that names parameters' logical axes (`jax_tokens.sharding` maps them to mesh
+axes), and the image check every model runs on its input."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax_tokens.sharding import logical_axes
 
-__all__ = ["Mlp", "linear_axes", "norm_axes", "logical_axes", "patch_embedding", "PatchGrid"]
+__all__ = ["Mlp", "linear_axes", "norm_axes", "logical_axes", "patch_embedding", "PatchGrid",
+           "check_images"]
 
 
 def linear_axes(din: str | None, dout: str | None) -> dict:
@@ -74,3 +77,32 @@ class PatchGrid:
     @property
     def mlp_hidden(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
+
+
+# Normalised images (mean 0, std 1 per channel) lie within a few units of 0; raw 0-255 pixels
+# passed as floats reach far beyond this.
+_MAX_NORMALISED = 100.0
+
+
+def check_images(images, img_size: int, in_chans: int):
+    """`images` as an array after checking what a model can take: shape [B, S, S, C] (NHWC),
+    a float dtype, and, when the values are concrete (an eager call), finite values of a
+    normalised image. Raises ValueError / TypeError naming what is wrong."""
+    if not hasattr(images, "ndim"):
+        images = np.asarray(images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (img_size, img_size, in_chans):
+        raise ValueError(f"images must have shape [batch, {img_size}, {img_size}, {in_chans}] "
+                         f"(NHWC); got {tuple(images.shape)}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"images have dtype {images.dtype}; the model takes float images "
+                        "normalised as in training, e.g. jax_tokens.images.normalize(images, "
+                        "mean, std) for uint8 pixels")
+    if not isinstance(images, jax.core.Tracer):
+        peak = float(jnp.max(jnp.abs(images))) if images.size else 0.0
+        if not np.isfinite(peak):
+            raise ValueError("images contain NaN or Inf values")
+        if peak > _MAX_NORMALISED:
+            raise ValueError(f"images reach |x| = {peak:g}: they look like raw pixel values, "
+                             "not normalised ones; normalise them as in training, e.g. "
+                             "jax_tokens.images.normalize(images, mean, std)")
+    return images

@@ -54,7 +54,7 @@ from flax import nnx
 
 from jax_tokens import reducers
 from jax_tokens import sharding as shd
-from jax_tokens.layers import PatchGrid, patch_embedding
+from jax_tokens.layers import PatchGrid, check_images, patch_embedding
 from jax_tokens.sharding import logical_axes as _axes
 from jax_tokens.attention.api import IMPLS as _ATTN_IMPLS
 from jax_tokens.lookup import LookupViTBlock, init_lookup_tokens, lookup_block_flops
@@ -276,10 +276,7 @@ class LookupViT(nnx.Module):
     def embed(self, images: jax.Array) -> jax.Array:
         """[B, H, W, C] images -> [B, N, D] patch tokens (position embedding added)."""
         cfg = self.cfg
-        want = (cfg.img_size, cfg.img_size, cfg.in_chans)
-        if getattr(images, "ndim", None) != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images must have shape [batch, {cfg.img_size}, {cfg.img_size}, "
-                             f"{cfg.in_chans}] (NHWC); got {getattr(images, 'shape', images)}")
+        images = check_images(images, cfg.img_size, cfg.in_chans)
         x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype)))
         x = x.reshape(x.shape[0], -1, cfg.embed_dim)
         if self.pos_embed is not None:

@@ -42,7 +42,8 @@ from jax_tokens import reducers
 from jax_tokens import schedule as sched
 from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
-from jax_tokens.layers import Mlp, PatchGrid, linear_axes, norm_axes, patch_embedding
+from jax_tokens.layers import (Mlp, PatchGrid, check_images, linear_axes, norm_axes,
+                               patch_embedding)
 from jax_tokens.attention import xla as attention_xla
 from jax_tokens.attention.sharded import attention as mesh_attention
 from jax_tokens.reducers import LayerSpec, Reducer, TokenLayout
@@ -370,9 +371,7 @@ class VisionTransformer(nnx.Module):
     def embed(self, images: jax.Array) -> jax.Array:
         """[B, H, W, C] images -> [B, N, D] tokens: [cls?, dist?, registers..., patches]."""
         cfg = self.cfg
-        if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.in_chans):
-            raise ValueError(f"images must have shape [batch, {cfg.img_size}, {cfg.img_size}, "
-                             f"{cfg.in_chans}] (NHWC); got {images.shape}")
+        images = check_images(images, cfg.img_size, cfg.in_chans)
         x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype)))
         b = x.shape[0]
         x = x.reshape(b, -1, cfg.embed_dim)
