@@ -121,6 +121,8 @@ def load_timm_into(model: VisionTransformer, state_dict: Mapping[str, np.ndarray
     missing = sorted(set(targets) - set(sd))
     unexpected = sorted(set(sd) - set(targets))
     bad_shapes = []
+    bad_dtypes = [f"{name}: {sd[name].dtype} (a float dtype is needed)" for name in targets
+                  if name in sd and not np.issubdtype(sd[name].dtype, np.floating)]
     for name, (var, (to_ours, _)) in targets.items():
         if name in sd:
             want = tuple(var.get_value().shape)
@@ -131,6 +133,8 @@ def load_timm_into(model: VisionTransformer, state_dict: Mapping[str, np.ndarray
     problems = []
     if bad_shapes:
         problems.append("shape mismatches:\n  " + "\n  ".join(bad_shapes))
+    if bad_dtypes:
+        problems.append("non-float tensors:\n  " + "\n  ".join(bad_dtypes))
     if strict and missing:
         problems.append("missing keys:\n  " + "\n  ".join(missing))
     if strict and unexpected:
@@ -185,7 +189,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     if not os.path.exists(path):
         raise FileNotFoundError(f"no safetensors file at {path}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError and friends)
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{e}); it may be truncated or not a safetensors file: write it again "
+                         "(e.g. rerun train.py's export) or fetch it again") from e
 
 
 def load_safetensors(path: str | os.PathLike, cfg: ViTConfig, *,

@@ -78,7 +78,12 @@ def load_onnx(model_or_path) -> Any:
     if isinstance(model_or_path, (str, os.PathLike)):
         if not os.path.exists(model_or_path):
             raise FileNotFoundError(f"no ONNX file at {model_or_path}")
-        return onnx.load(str(model_or_path))
+        try:
+            return onnx.load(str(model_or_path))
+        except Exception as e:  # pylint: disable=broad-except  (protobuf's DecodeError)
+            raise ValueError(f"{model_or_path} is not a readable ONNX model ({type(e).__name__}: "
+                             f"{e}); it may be truncated or corrupt: fetch or export it again"
+                             ) from e
     return model_or_path
 
 
