@@ -55,7 +55,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON to thi
 
 
 def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    print(schema.error_line(msg), file=sys.stderr, flush=True)
     return 1
 
 
@@ -143,9 +143,17 @@ def _load(mesh, rules):
         if user_config is None:
             raise trainer.ConfigError("a .safetensors checkpoint needs --config (the model)")
         config = user_config
+        try:                                   # a bad file is reported before data is read
+            tensors = convert.read_safetensors(path)
+        except (OSError, ValueError) as e:
+            raise ckpt_lib.CheckpointError(str(e)) from e
         data_dir = trainer.ensure_dataset(config)
         cfg = trainer.dataset_model_config(config, data_dir)
-        model = convert.load_safetensors(path, cfg)
+        try:
+            model = convert.from_timm(tensors, cfg)
+        except ValueError as e:
+            raise ckpt_lib.CheckpointError(f"cannot load {path} into the config's model: {e}"
+                                           ) from e
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         return config, cfg, graphdef, params, rest, os.path.dirname(os.path.abspath(path))
 
@@ -273,9 +281,9 @@ def _visualize(entries, params, rest, batch, spec, cfg, n: int, out_dir: str, me
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
+        return _fail(f"unexpected arguments {argv[1:]}; see python eval.py --help")
+    if not flags.FLAGS["verbosity"].present:     # Orbax warns about read-only managers
+        absl_logging.set_verbosity(absl_logging.ERROR)
     from jax_tokens import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     from jax_tokens import data as data_lib  # pylint: disable=import-outside-toplevel
     try:

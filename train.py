@@ -34,17 +34,38 @@ _OVERRIDES: dict = {}      # --config.a.b=value flags, taken out of argv before 
 _CONFIG = flags.DEFINE_string("config", _DEFAULT_CONFIG, "Config file (get_config); "
                               "`file.py:arg` passes arg. Override keys with --config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and exports go; an "
-                               "existing checkpoint there is resumed.")
-flags.mark_flag_as_required("workdir")
+                               "existing checkpoint there is resumed (required).")
+
+
+def _check_workdir(path: str | None) -> str | None:
+    """The problem with --workdir, or None: it must be given and be a directory or one that can
+    be created."""
+    if not path:
+        return "--workdir is required: where checkpoints, logs and the export go"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--workdir={path} is a file, not a directory"
+    if "://" not in path:        # nothing is created here: a bad config must leave no trace
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"cannot create --workdir={path}: {ancestor} is not a writable directory"
+    return None
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        print(f"error: unexpected arguments {argv[1:]}; flags are --config, --workdir and "
+              "--config.KEY=VALUE", file=sys.stderr, flush=True)
+        return 2
     try:     # an unknown key or a bad value: exit 2, before anything else is imported
         config = schema.load_config(_CONFIG.value, _OVERRIDES)
     except schema.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(schema.error_line(e), file=sys.stderr, flush=True)
+        return 2
+    problem = _check_workdir(_WORKDIR.value)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
     from jax_tokens import checkpoint, data, distributed  # pylint: disable=C0415
     from jax_tokens.train import guard, loop  # pylint: disable=import-outside-toplevel
@@ -60,7 +81,7 @@ def main(argv):
         return guard.PREEMPTED_EXIT_CODE
     except (schema.ConfigError, checkpoint.CheckpointError, guard.WorkdirInUseError,
             data.DatasetNotPreparedError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(schema.error_line(e), file=sys.stderr, flush=True)
         return 1
     if not lead:
         return 0

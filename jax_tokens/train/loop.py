@@ -154,7 +154,10 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
     t_start = time.perf_counter()
     check_config(config)
     model_config(config)                           # budgets checked before any data is read
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
     with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
         return _train(config, workdir, log, t_start)
 

@@ -129,6 +129,32 @@ def _ignored(key: str, ignore) -> bool:
 # Loading and overriding
 # ----------------------------------------------------------------------------------------------
 
+def error_line(message: str, max_items: int = 8) -> str:
+    """`message` as the one `error:` line a CLI prints: a multi-line message (a list of config
+    differences, missing keys, ...) is joined with '; ', at most `max_items` of its lines kept."""
+    lines = [" ".join(line.split()) for line in str(message).splitlines()]
+    lines = [line for line in lines if line]
+    if len(lines) > max_items + 1:
+        lines = lines[:max_items] + [f"... ({len(lines) - max_items - 1} more)", lines[-1]]
+    out = lines[0] if lines else ""
+    for prev, line in zip(lines, lines[1:]):
+        out += (" " if prev.endswith(":") else "; ") + line
+    return "error: " + out
+
+
+def _located(error: BaseException, path: str) -> str:
+    """'ErrorType: message (line N)' with the line of `path` the error came from, if any."""
+    if isinstance(error, SyntaxError):          # its message names the file and line already
+        return f"{type(error).__name__}: {error}"
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{type(error).__name__}: {error}" + (f" (line {line})" if line else "")
+
+
 def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None, *,
                 check: Callable[[Any], None] | None = None,
                 switches: Mapping[str, Callable[[Any, Any], None]] | None = None
@@ -148,11 +174,20 @@ def load_config(path_and_arg: str, overrides: Mapping[str, Any] | None = None, *
         raise ConfigError(f"config file {path!r} does not exist")
     name = "_jax_tokens_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {path!r} is not a Python file (a .py with get_config())")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # pylint: disable=broad-except  (any error in the user's file)
+        raise ConfigError(f"config file {path!r} failed to load: {_located(e, path)}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config() function")
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except Exception as e:  # pylint: disable=broad-except
+        raise ConfigError(f"get_config({'' if arg is None else repr(arg)}) in {path!r} "
+                          f"failed: {_located(e, path)}") from e
     overrides = dict(overrides or {})
     if switches is None:
         switches = {_REDUCTION + ".method": switch_reduction}
