@@ -154,6 +154,12 @@ def test_incompatible_config_is_a_clear_error(reference_run, data_dir, tmp_path)
     msg = str(e.value)
     assert "model.embed_dim: 32 -> 48" in msg and "train.lr: 0.003 -> 0.001" in msg
     assert "checkpoint.keep" not in msg      # runtime keys may change
+    # Another reducer on the same workdir: the method and its fields are named.
+    config = trainer.load_config(BASE_CONFIG, _overrides(
+        data_dir, **{"model.reduction.method": "tome", "model.reduction.r": 2}))
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"model.reduction.method: 'none' -> 'tome'"):
+        trainer.train(config, workdir, log=lambda s: None)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(reference_run, data_dir, tmp_path):
