@@ -1,10 +1,11 @@
-"""The long profile of the reducer property tests: N hypothesis cases per registered reducer.
+"""The long profile of the property tests: N hypothesis cases per registered reducer and press.
 
-    python benchmarks/properties.py --examples 440 --jobs 2    # 440 cases x every reducer
+    python benchmarks/properties.py --examples 350 --jobs 2    # 350 cases x 29 methods
 
-Runs tests/test_properties.py's `test_reducer_properties` with the "long" hypothesis profile
-(token counts and widths drawn from buckets so compiled programs are reused; eager dispatch
-checked against jit on one case in ten) in one pytest process per reducer, `--jobs` at a
+Runs tests/test_properties.py's `test_reducer_properties` (token counts and widths drawn from
+buckets so compiled programs are reused; eager dispatch checked against jit on one case in
+ten) and tests/test_press_properties.py's `test_press_properties` with the "long" hypothesis
+profile (the identity reducer `none` is left out: it has nothing to check) in one pytest process per reducer, `--jobs` at a
 time, and prints, per reducer, the result, the time and the cases run, then the total. A failing case is printed in full by hypothesis, with the seed that reproduces it.
 """
 
@@ -19,28 +20,35 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TEST = "tests/test_properties.py::test_reducer_properties"
+REDUCER_TEST = "tests/test_properties.py::test_reducer_properties"
+PRESS_TEST = "tests/test_press_properties.py::test_press_properties"
 
 
-def library_reducers() -> list[str]:
+def library_methods() -> dict[str, str]:
+    """{method: its property test node}: every registered reducer and KV-cache press."""
     from jax_tokens import reducers  # pylint: disable=import-outside-toplevel
-    return sorted(n for n in reducers.names()
-                  if reducers.get(n).__module__.startswith("jax_tokens."))
+    from jax_tokens.reducers import presses  # pylint: disable=import-outside-toplevel
+    out = {n: f"{REDUCER_TEST}[{n}]" for n in reducers.names()
+           if reducers.get(n).__module__.startswith("jax_tokens.")}
+    out.update({n: f"{PRESS_TEST}[{n}]" for n in presses.names()})
+    return dict(sorted(out.items()))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", type=int, default=440, help="cases per reducer")
+    parser.add_argument("--examples", type=int, default=350, help="cases per method")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="pytest processes (XLA:CPU compiles on one core)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
     args = parser.parse_args(argv)
     if args.examples < 1 or args.jobs < 1:
         parser.error(f"--examples={args.examples} and --jobs={args.jobs} must be >= 1")
-    methods = args.methods.split(",") if args.methods else library_reducers()
-    unknown = sorted(set(methods) - set(library_reducers()))
+    tests = library_methods()
+    methods = args.methods.split(",") if args.methods else [m for m in tests if m != "none"]
+    unknown = sorted(set(methods) - set(tests))
     if unknown:
-        parser.error(f"--methods: unknown reducers {unknown}; registered: {library_reducers()}")
+        parser.error(f"--methods: unknown {unknown}; registered reducers and presses: "
+                     f"{list(tests)}")
     logs = {m: tempfile.NamedTemporaryFile(suffix=".log", delete=False).name for m in methods}
     queue, running, status = list(methods), {}, 0
     t0 = time.perf_counter()
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
             out = tempfile.TemporaryFile("w+")
             running[m] = (subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-q",
-                 f"{TEST}[{m}]"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                 tests[m]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                 text=True), out, time.perf_counter())
         time.sleep(0.5)
         for m, (proc, out, started) in list(running.items()):
@@ -72,10 +80,10 @@ def main(argv=None) -> int:
         with open(log) as f:
             counts.update(line.strip() for line in f)
         os.unlink(log)
-    print("| reducer | cases |\n|---|---:|")
+    print("| method | cases |\n|---|---:|")
     for m in methods:
         print(f"| {m} | {counts.get(m, 0)} |")
-    print(f"\n{sum(counts.values())} cases checked over {len(methods)} reducers (hypothesis also "
+    print(f"\n{sum(counts.values())} cases checked over {len(methods)} reducers and presses (hypothesis also "
           f"counts the cases it shrinks), {wall / 60:.1f} min, {args.jobs} at a time, "
           f"{'all passed' if status == 0 else 'FAILED'}")
     return status
