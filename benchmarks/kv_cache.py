@@ -57,6 +57,26 @@ def press_config(method: str, ratio: float, context: int) -> dict:
 
 METHODS = ("snapkv", "pyramidkv", "h2o", "tova", "streaming_llm", "knorm",
            "expected_attention", "random_kv")
+DROP_METHODS = ("fastv", "pdrop")
+
+
+def token_drop_config(method: str, ratio: float, n_layers: int, span: tuple) -> dict:
+    """FastV and PyramidDrop at matched prefill FLOPs: FastV drops `ratio` of the span at
+    layer 2; PyramidDrop keeps a share k at each of layers 2, 10 and 20 (k, k^2, k^3 of the
+    span), k chosen so the span tokens averaged over layers 2..L fall by the same `ratio`
+    (the span is most of the prompt, so both cut prefill FLOPs by about ratio * (L - 2) / L)."""
+    if method == "fastv":
+        return dict(method="fastv", layer=2, ratio=ratio, span=span)
+    # PyramidDrop: keep k at each of 3 stages over (8, 10, L - 20) layers: choose k so the
+    # layer-weighted mean of k, k^2, k^3 equals 1 - ratio.
+    stages = (10 - 2, 20 - 10, n_layers - 20)
+    target = 1.0 - ratio
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        k = (lo + hi) / 2
+        mean = sum(w * k ** (i + 1) for i, w in enumerate(stages)) / sum(stages)
+        lo, hi = (k, hi) if mean < target else (lo, k)
+    return dict(method="pdrop", layers=(2, 10, 20), keep=round((lo + hi) / 2, 4), span=span)
 
 
 def decode_speed(lm, ids, press, new_tokens: int, repeats: int) -> float:
@@ -84,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS + DROP_METHODS),
+                    choices=METHODS + DROP_METHODS)
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -143,12 +164,15 @@ def main(argv=None) -> int:
           flush=True)
     for method in args.methods:
         for ratio in args.ratios:
-            cfg = press_config(method, ratio, args.context)
+            if method in DROP_METHODS:   # the context's tokens but its last one
+                cfg = token_drop_config(method, ratio, lm.model.cfg.num_layers, (0, -1))
+            else:
+                cfg = press_config(method, ratio, args.context)
             res = run(cfg)
             diff = [a - b for a, b in zip(res["per_sample_nll"], full["per_sample_nll"])]
             se = statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
             speed = math.nan
-            if ratio == 0.5:
+            if ratio == 0.5 and method not in DROP_METHODS:
                 speed = decode_speed(lm, contexts[0], presses.from_config(cfg),
                                      args.new_tokens, args.repeats)
             row = dict(method=method, ratio=ratio, press=cfg, perplexity=res["perplexity"],

@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from kv_cache import METHODS, RATIOS, press_config  # noqa: E402  pylint: disable=wrong-import-position
+from kv_cache import (DROP_METHODS, METHODS, RATIOS,  # noqa: E402  pylint: disable=C0413
+                      press_config, token_drop_config)
 
 QUESTION = "What is the special magic number mentioned in the text? Answer with the number only."
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -94,32 +95,13 @@ def question_tokens(lm) -> int:
     return len(lm.encode_chat("x\n\n" + QUESTION)) - len(x) + suffix + 1
 
 
-def token_drop_config(method: str, ratio: float, n_layers: int, span: tuple) -> dict:
-    """FastV and PyramidDrop at matched prefill FLOPs: FastV drops `ratio` of the span at
-    layer 2; PyramidDrop keeps a share k at each of layers 2, 10 and 20 (k, k^2, k^3 of the
-    span), k chosen so the span tokens averaged over layers 2..L fall by the same `ratio`
-    (the span is most of the prompt, so both cut prefill FLOPs by about ratio * (L - 2) / L)."""
-    if method == "fastv":
-        return dict(method="fastv", layer=2, ratio=ratio, span=span)
-    # PyramidDrop: keep k at each of 3 stages over (8, 10, L - 20) layers: choose k so the
-    # layer-weighted mean of k, k^2, k^3 equals 1 - ratio.
-    stages = (10 - 2, 20 - 10, n_layers - 20)
-    target = 1.0 - ratio
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        k = (lo + hi) / 2
-        mean = sum(w * k ** (i + 1) for i, w in enumerate(stages)) / sum(stages)
-        lo, hi = (k, hi) if mean < target else (lo, k)
-    return dict(method="pdrop", layers=(2, 10, 20), keep=round((lo + hi) / 2, 4), span=span)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=int, default=512, help="haystack tokens")
     ap.add_argument("--samples", type=int, default=4, help="haystacks (each at every depth)")
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["fastv", "pdrop"],
-                    choices=list(METHODS) + ["fastv", "pdrop"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS + DROP_METHODS),
+                    choices=list(METHODS + DROP_METHODS))
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -179,7 +161,7 @@ def main(argv=None) -> int:
     show(rows[0])
     for method in args.methods:
         for ratio in args.ratios:
-            if method in ("fastv", "pdrop"):
+            if method in DROP_METHODS:
                 cfg = token_drop_config(method, ratio, n_layers, span)
             else:
                 cfg = press_config(method, ratio, longest)
