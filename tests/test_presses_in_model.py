@@ -258,3 +258,43 @@ def test_token_dropping_schedules_and_errors():
         presses.get("pdrop")(layers=(3, 2))
     with pytest.raises(ValueError, match=r"ratio=1.0 must be a float in \[0, 1\)"):
         presses.get("fastv")(ratio=1.0)
+
+
+def test_streaming_llm_positions_are_the_papers(tiny):
+    """With `reindex` (the default), reading through StreamingLLM's cache gives the logits of
+    the paper's numbering: cached tokens renumbered 0..K-1 in cache order (sinks, then the
+    window), keys rotated with those numbers, the new tokens after them."""
+    from jax_tokens.models.llama import generation
+    from jax_tokens.models.llama.rope import apply_rope, rope_inv_freq, rope_tables
+    tokens = jnp.asarray([[5, 9, 30, 31, 32, 7, 8, 100, 101, 17, 18, 19, 60, 61, 62, 63]])
+    cont = jnp.asarray([[70, 71, 72, 73]])
+    inv = rope_inv_freq(tiny.cfg)
+
+    def read(press):
+        state, _ = generation._prefill(tiny, tokens, jnp.ones_like(tokens, bool), capacity=24,
+                                       press=press, cache_dtype="float32", decoding=False)
+        pos = state.next_pos[:, None] + jnp.arange(4)[None]
+        return state.cache, tiny(cont, positions=pos, cache=state.cache, logits="all")[0]
+
+    cache, ours = read(presses.get("streaming_llm")(sinks=2, window=6))
+    assert cache.sink_shift == 2
+    _, plain = read(presses.get("streaming_llm")(sinks=2, window=6, reindex=False))
+    # The paper's cache: slots 0..7 hold sinks 0, 1 and the window 10..15, renumbered 0..7.
+    k = 8
+    slot = jnp.arange(cache.capacity)[None, None, :, None]
+    new_pos = jnp.where(cache.valid, jnp.broadcast_to(slot, cache.pos.shape), -1)
+    np.testing.assert_array_equal(np.asarray(cache.pos[0, 0, :k, 0]),
+                                  [0, 1, 10, 11, 12, 13, 14, 15])
+
+    def rotate(x, p):                         # x [L, B, C, KVH, hd], p [L, B, C, KVH]
+        flat = p.reshape(-1, p.shape[2] * p.shape[3])
+        cos, sin = rope_tables(flat, inv)
+        shape = x.shape
+        y = apply_rope(x.reshape(flat.shape[0], shape[2] * shape[3], 1, shape[4]), cos, sin)
+        return y.reshape(shape)
+
+    raw = rotate(cache.k, -cache.pos)                       # undo the true positions' rotation
+    paper = cache.replace(k=rotate(raw, new_pos), pos=new_pos, sink_shift=0)
+    want = tiny(cont, positions=k + jnp.arange(4)[None], cache=paper, logits="all")[0]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=2e-4, rtol=1e-4)
+    assert float(jnp.abs(plain - want).max()) > 1e-3      # true positions differ

@@ -55,7 +55,7 @@ from jax_tokens.reducers.presses.base import KVPlan, Press, PressInputs, PressRe
 __all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
            "evict", "compress", "decode_evict", "decode_budget", "default_capacity",
            "pad_prompts", "padding_positions",
-           "self_attention_bias", "NEG_INF"]
+           "self_attention_bias", "reindex_sink_keys", "NEG_INF"]
 
 _KV_AXES = (None, "batch", None, "kv_heads", None)   # [L, B, C, KVH, hd]
 
@@ -73,6 +73,7 @@ class LayerCache:
     valid: jax.Array
     index: jax.Array
     free: jax.Array | None = None     # [B, KVH]: the slot the last token went to (see KVCache)
+    sink_shift: int = struct.field(pytree_node=False, default=0)   # see KVCache.sink_shift
 
     @property
     def capacity(self) -> int:
@@ -121,6 +122,9 @@ class KVCache:
     # [L, B, KVH] or None: with a press that evicts while decoding, the slot each head writes
     # its next token to (a slot freed by the press, or never used); None: slot `index`.
     free: jax.Array | None = None
+    # S > 0: StreamingLLM's re-indexing (`reindex_sink_keys`): the keys of the S attention
+    # sinks are read as if they sat just before the oldest window token. 0: keys as stored.
+    sink_shift: int = struct.field(pytree_node=False, default=0)
 
     @property
     def num_layers(self) -> int:
@@ -199,7 +203,8 @@ class KVCache:
     def layer(self, l) -> LayerCache:
         """Layer l's cache (a view: k, v [B, C, KVH, hd], ...)."""
         return LayerCache(k=self.k[l], v=self.v[l], pos=self.pos[l], valid=self.valid[l],
-                          index=self.index[l], free=None if self.free is None else self.free[l])
+                          index=self.index[l], free=None if self.free is None else self.free[l],
+                          sink_shift=self.sink_shift)
 
     def set_layer(self, l, layer: LayerCache) -> "KVCache":
         """This cache with layer l replaced (in place under jit)."""
@@ -265,6 +270,26 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, length: int | 
         tokens[i, length - len(p):] = p
         mask[i, length - len(p):] = True
     return tokens, mask
+
+
+def reindex_sink_keys(keys: jax.Array, pos: jax.Array, valid: jax.Array, sinks: int,
+                      inv_freq) -> jax.Array:
+    """StreamingLLM's positions inside the cache, at read time. The paper numbers the cached
+    tokens 0, 1, ... in cache order (sinks first, then the window) and the query next, and
+    rotates keys with those numbers. The window ends at the query, so its distances to the
+    query are the same under true positions; only the sinks differ. Their keys (stored
+    rotated at their true positions 0..S-1) are rotated on by w0 - S, w0 the position of the
+    oldest window token, so every query-key distance is the paper's. keys [B, C, KVH, hd]
+    (RoPE applied), pos / valid [B, C, KVH]; the stored cache is not changed."""
+    big = jnp.iinfo(jnp.int32).max
+    window_start = jnp.min(jnp.where(valid & (pos >= sinks), pos, big), axis=1, keepdims=True)
+    shift = jnp.where(valid & (pos < sinks) & (window_start < big), window_start - sinks, 0)
+    angles = shift.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)   # [B, C, KVH, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    half = keys.shape[-1] // 2
+    kf = keys.astype(jnp.float32)
+    rotated = jnp.concatenate([-kf[..., half:], kf[..., :half]], axis=-1)
+    return (kf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(keys.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +365,7 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
     out = cache if c == cache.capacity else KVCache.empty(nl, b, c, kvh, hd, cache.k.dtype)
     for l, plan in enumerate(plans):
         out = out.set_layer(l, evict(cache.layer(l), plan, c))
+    out = out.replace(sink_shift=int(getattr(press, "reindexed_sinks", lambda: 0)()))
     state = None
     if budget is not None:
         out = out.with_free_slots()

@@ -243,7 +243,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, *, bias=None, cache: kvc.KVCache | None = None,
                  layer=None, positions=None, mask=None, stats: Sequence[str] = (),
-                 query_index=0, want_qkv: bool | str = False):
+                 query_index=0, want_qkv: bool | str = False, inv_freq=None):
         """With a cache: the new keys / values go into layer `layer` of the stacked cache
         (only the T new slots are written) and the queries attend over that layer's slots.
         Keys and values keep their KV heads (grouped-query attention, never repeated)."""
@@ -252,6 +252,8 @@ class Attention(nnx.Module):
             cache = cache.write_layer(layer, k, v, positions, mask)
             lc = cache.layer(layer)
             keys, values = lc.k.astype(q.dtype), lc.v.astype(q.dtype)
+            if lc.sink_shift:     # StreamingLLM's positions inside the cache
+                keys = kvc.reindex_sink_keys(keys, lc.pos, lc.valid, lc.sink_shift, inv_freq)
             bias = lc.attention_bias(positions, k.shape[1], mask)      # [B, KVH, T, C]
             causal = False
         else:
@@ -414,6 +416,8 @@ class Llama(nnx.Module):
                 positions, jnp.ones((b, t), bool) if mask is None else mask)
         kw = dict(positions=positions, mask=mask, stats=tuple(stats), query_index=query_index,
                   want_qkv=want_qkv)
+        if cache is not None and cache.sink_shift:
+            kw["inv_freq"] = rope_inv_freq(cfg)
         graphdef, params = nnx.split(self.layers)
         if (start, stop) != (0, cfg.num_layers):
             params = jax.tree.map(lambda a: a[start:stop], params)

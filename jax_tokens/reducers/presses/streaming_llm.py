@@ -14,11 +14,15 @@ after the prefill (`decode_plan`) and after each step (`decode_update`) the olde
 that is not a sink is evicted down to sinks + window - 1 (a ring buffer over the window with
 the sinks pinned; the slot it frees takes the next token).
 
-Positions: the kept keys carry the RoPE rotation of their original positions, and later
-tokens continue at their true positions (this library's cache stores keys rotated and
-records every slot's position). The paper instead re-assigns positions within the cache
-(rotating keys at attention time, which needs pre-RoPE keys in the cache); that re-indexing
-is not built here.
+Positions (`reindex`, default True, as the paper): the paper numbers the cached tokens by
+their place in the cache (sinks 0..S-1, then the window) and the query after them, rotating
+keys with those numbers at attention time. The window ends at the query, so its distances to
+the query are the same under true positions; only the sinks' differ. This library's cache
+keeps keys rotated at their true positions and tokens continue at their true positions; with
+`reindex` the sinks' keys are rotated on, at read time, to sit just before the oldest window
+token (`cache.reindex_sink_keys`), which gives every query-key pair the paper's distance.
+`reindex=False` keeps true positions for the sinks too (KVCache-Factory's StreamingLLM, which
+evicts without re-indexing). The kept slots are the same either way.
 """
 
 from __future__ import annotations
@@ -38,17 +42,25 @@ __all__ = ["StreamingLLM"]
 @register
 @dataclasses.dataclass(frozen=True)
 class StreamingLLM(base.Press):
-    """Fields: sinks (first tokens always kept), window (most recent tokens kept)."""
+    """Fields: sinks (first tokens always kept), window (most recent tokens kept), reindex
+    (positions inside the cache, as the paper; see the module docstring)."""
 
     method: ClassVar[str] = "streaming_llm"
     sinks: int = 4
     window: int = 508
+    reindex: bool = True
 
     def __post_init__(self):
         base.check_int("sinks", self.sinks, 0)
         base.check_int("window", self.window, 0)
         if self.sinks + self.window < 1:
             raise ValueError("press.sinks + press.window must be >= 1")
+        if not isinstance(self.reindex, bool):
+            raise ValueError(f"press.reindex={self.reindex!r} must be True or False")
+
+    def reindexed_sinks(self) -> int:
+        """Sinks whose keys the cache re-indexes at read time (0: none)."""
+        return self.sinks if self.reindex else 0
 
     def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
         del layer, num_layers
