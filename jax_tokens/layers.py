@@ -97,8 +97,9 @@ def check_images(images, img_size: int, in_chans: int):
         raise TypeError(f"images have dtype {images.dtype}; the model takes float images "
                         "normalised as in training, e.g. jax_tokens.images.normalize(images, "
                         "mean, std) for uint8 pixels")
-    if not isinstance(images, jax.core.Tracer):
-        peak = float(jnp.max(jnp.abs(images))) if images.size else 0.0
+    if not isinstance(images, jax.core.Tracer):   # concrete (also when closed over under jit)
+        host = np.asarray(images, np.float32)
+        peak = float(np.max(np.abs(host))) if host.size else 0.0
         if not np.isfinite(peak):
             raise ValueError("images contain NaN or Inf values")
         if peak > _MAX_NORMALISED:
