@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         config = load_config(args.config, overrides)
         return _run(config, args.json)
     except (schema.ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(schema.error_line(e), file=sys.stderr)
         return 2
 
 

@@ -50,6 +50,7 @@ import numpy as np
 from flax import struct
 
 from jax_tokens import sharding as shd
+from jax_tokens.models.llama.rope import apply_rope, rope_tables
 from jax_tokens.reducers.presses.base import KVPlan, Press, PressInputs, PressRequest
 
 __all__ = ["LayerCache", "KVCache", "KVPlan", "PressRequest", "PressInputs", "Press",
@@ -284,12 +285,9 @@ def reindex_sink_keys(keys: jax.Array, pos: jax.Array, valid: jax.Array, sinks: 
     big = jnp.iinfo(jnp.int32).max
     window_start = jnp.min(jnp.where(valid & (pos >= sinks), pos, big), axis=1, keepdims=True)
     shift = jnp.where(valid & (pos < sinks) & (window_start < big), window_start - sinks, 0)
-    angles = shift.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)   # [B, C, KVH, hd/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    half = keys.shape[-1] // 2
-    kf = keys.astype(jnp.float32)
-    rotated = jnp.concatenate([-kf[..., half:], kf[..., :half]], axis=-1)
-    return (kf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(keys.dtype)
+    b, c, kvh = shift.shape
+    cos, sin = rope_tables(shift.reshape(b, c * kvh), inv_freq)       # [B, C*KVH, 1, hd]
+    return apply_rope(keys, cos.reshape(keys.shape), sin.reshape(keys.shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +363,7 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
     out = cache if c == cache.capacity else KVCache.empty(nl, b, c, kvh, hd, cache.k.dtype)
     for l, plan in enumerate(plans):
         out = out.set_layer(l, evict(cache.layer(l), plan, c))
-    out = out.replace(sink_shift=int(getattr(press, "reindexed_sinks", lambda: 0)()))
+    out = out.replace(sink_shift=press.reindexed_sinks())
     state = None
     if budget is not None:
         out = out.with_free_slots()

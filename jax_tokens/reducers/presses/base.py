@@ -124,6 +124,11 @@ class Press:
     def plan(self, inputs: PressInputs) -> KVPlan:
         raise NotImplementedError
 
+    def reindexed_sinks(self) -> int:
+        """Sinks whose keys the cache reads re-indexed (`cache.reindex_sink_keys`; StreamingLLM
+        with `reindex`); 0: keys are read as stored."""
+        return 0
+
     # -- eviction while decoding (H2O, TOVA, StreamingLLM): optional --------------------------
 
     def decode_plan(self, inputs: PressInputs) -> KVPlan:

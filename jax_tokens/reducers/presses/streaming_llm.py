@@ -59,7 +59,6 @@ class StreamingLLM(base.Press):
             raise ValueError(f"press.reindex={self.reindex!r} must be True or False")
 
     def reindexed_sinks(self) -> int:
-        """Sinks whose keys the cache re-indexes at read time (0: none)."""
         return self.sinks if self.reindex else 0
 
     def n_kept(self, n_prompt: int, layer: int = 0, num_layers: int = 1) -> int:
