@@ -327,6 +327,12 @@ def decode_budget(press) -> int | None:
     return None if press is None else getattr(press, "decode_budget", lambda: None)()
 
 
+def reindexed_sinks(press) -> int:
+    """The sinks whose keys the cache reads re-indexed (`Press.reindexed_sinks`); 0 for a
+    press without that hook (a press need not subclass `Press`, see `decode_budget`)."""
+    return 0 if press is None else getattr(press, "reindexed_sinks", lambda: 0)()
+
+
 def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: jax.Array,
              groups: int, *, room: int | None = None, decoding: bool = False,
              inv_freq=None) -> tuple[KVCache, list[KVPlan], jax.Array | None]:
@@ -363,7 +369,7 @@ def compress(cache: KVCache, press: Press, layer_stats: dict, query_positions: j
     out = cache if c == cache.capacity else KVCache.empty(nl, b, c, kvh, hd, cache.k.dtype)
     for l, plan in enumerate(plans):
         out = out.set_layer(l, evict(cache.layer(l), plan, c))
-    out = out.replace(sink_shift=press.reindexed_sinks())
+    out = out.replace(sink_shift=reindexed_sinks(press))
     state = None
     if budget is not None:
         out = out.with_free_slots()
