@@ -1,12 +1,19 @@
-"""The long profile of the property tests: N hypothesis cases per registered reducer and press.
+"""The long profile of the property tests: N configurations per registered reducer and press,
+each with 8 drawn inputs checked through its one compiled program.
 
-    python benchmarks/properties.py --examples 350 --jobs 2    # 350 cases x 29 methods
+    python benchmarks/properties.py --examples 48 --jobs 2    # 48 x 8 inputs x 28 methods
 
 Runs tests/test_properties.py's `test_reducer_properties` (token counts and widths drawn from
-buckets so compiled programs are reused; eager dispatch checked against jit on one case in
-ten) and tests/test_press_properties.py's `test_press_properties` with the "long" hypothesis
-profile (the identity reducer `none` is left out: it has nothing to check) in one pytest process per reducer, `--jobs` at a
-time, and prints, per reducer, the result, the time and the cases run, then the total. A failing case is printed in full by hypothesis, with the seed that reproduces it.
+buckets so compiled programs are reused; eager dispatch checked against jit on one
+configuration in ten) and tests/test_press_properties.py's `test_press_properties` with the
+"long" hypothesis profile (the identity reducer `none` is left out: it has nothing to check),
+one pytest process per method, `--jobs` at a time. A hypothesis case is a configuration
+(everything static under jit: layout, budget, batch, dtype) and `--inputs` inputs drawn for it
+(seeds, ties, token sizes; padding for the presses), each checked on its own: compiling costs
+seconds on XLA:CPU, running a tiny input milliseconds. Prints, per method, the result, the time,
+the configurations and the inputs checked (FastV / PyramidDrop: schedules only, no inputs),
+then the totals. A failing case is printed in full by hypothesis, with the seed that
+reproduces it.
 """
 
 import argparse
@@ -36,13 +43,17 @@ def library_methods() -> dict[str, str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", type=int, default=350, help="cases per method")
+    parser.add_argument("--examples", type=int, default=48,
+                        help="configurations (hypothesis cases) per method")
+    parser.add_argument("--inputs", type=int, default=8,
+                        help="inputs drawn and checked per configuration")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="pytest processes (XLA:CPU compiles on one core)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
     args = parser.parse_args(argv)
-    if args.examples < 1 or args.jobs < 1:
-        parser.error(f"--examples={args.examples} and --jobs={args.jobs} must be >= 1")
+    if min(args.examples, args.inputs, args.jobs) < 1:
+        parser.error(f"--examples={args.examples}, --inputs={args.inputs} and "
+                     f"--jobs={args.jobs} must be >= 1")
     tests = library_methods()
     methods = args.methods.split(",") if args.methods else [m for m in tests if m != "none"]
     unknown = sorted(set(methods) - set(tests))
@@ -56,7 +67,8 @@ def main(argv=None) -> int:
         while queue and len(running) < args.jobs:      # one pytest process per reducer
             m = queue.pop(0)
             env = dict(os.environ, JAX_TOKENS_HYPOTHESIS="long", JAX_TOKENS_PROPERTY_LOG=logs[m],
-                       JAX_TOKENS_HYPOTHESIS_EXAMPLES=str(args.examples), JAX_PLATFORMS="cpu")
+                       JAX_TOKENS_HYPOTHESIS_EXAMPLES=str(args.examples),
+                       JAX_TOKENS_HYPOTHESIS_INPUTS=str(args.inputs), JAX_PLATFORMS="cpu")
             out = tempfile.TemporaryFile("w+")
             running[m] = (subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-q",
@@ -75,16 +87,20 @@ def main(argv=None) -> int:
                 print(text[-20000:], flush=True)
                 status = status or proc.returncode
     wall = time.perf_counter() - t0
-    counts = collections.Counter()
+    configs, inputs = collections.Counter(), collections.Counter()
     for log in logs.values():
         with open(log) as f:
-            counts.update(line.strip() for line in f)
+            for line in f:
+                method, n = line.split()
+                configs[method] += 1
+                inputs[method] += int(n)
         os.unlink(log)
-    print("| method | cases |\n|---|---:|")
+    print("| method | configurations | inputs checked |\n|---|---:|---:|")
     for m in methods:
-        print(f"| {m} | {counts.get(m, 0)} |")
-    print(f"\n{sum(counts.values())} cases checked over {len(methods)} reducers and presses (hypothesis also "
-          f"counts the cases it shrinks), {wall / 60:.1f} min, {args.jobs} at a time, "
+        print(f"| {m} | {configs.get(m, 0)} | {inputs.get(m, 0)} |")
+    print(f"\n{sum(inputs.values())} inputs checked in {sum(configs.values())} configurations "
+          f"over {len(methods)} reducers and presses (hypothesis also counts the cases it "
+          f"shrinks), {wall / 60:.1f} min, {args.jobs} at a time, "
           f"{'all passed' if status == 0 else 'FAILED'}")
     return status
 

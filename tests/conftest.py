@@ -1,5 +1,5 @@
-"""Shared test fixtures: the golden files from the reference implementations, and the runner
-of the 8-device worker processes."""
+"""Shared test fixtures: the golden files from the reference implementations, the hypothesis
+profiles of the property tests, and the runner of the 8-device worker processes."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = pathlib.Path(os.environ.get("JAX_TOKENS_GOLDEN", ROOT.parent / "shared" / "golden"))
@@ -29,6 +30,27 @@ def load_golden(name: str) -> dict:
 @pytest.fixture
 def golden():
     return load_golden
+
+
+# The property tests' profiles (tests/test_properties.py, tests/test_press_properties.py): a
+# case is a configuration (static under jit) with INPUT_DRAWS inputs checked through it. CI: 4
+# configurations per method, derandomized; "long" (benchmarks/properties.py): the given count.
+settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", deadline=None,
+                          max_examples=int(os.environ.get("JAX_TOKENS_HYPOTHESIS_EXAMPLES", 50)),
+                          suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_PROFILE = os.environ.get("JAX_TOKENS_HYPOTHESIS", "ci")
+settings.load_profile(PROPERTY_PROFILE)
+INPUT_DRAWS = int(os.environ.get("JAX_TOKENS_HYPOTHESIS_INPUTS",
+                                 8 if PROPERTY_PROFILE == "long" else 2))
+
+
+def log_property_case(method: str, n_inputs: int) -> None:
+    """benchmarks/properties.py counts the configurations and the inputs checked."""
+    if os.environ.get("JAX_TOKENS_PROPERTY_LOG"):
+        with open(os.environ["JAX_TOKENS_PROPERTY_LOG"], "a") as f:
+            f.write(f"{method} {n_inputs}\n")
 
 
 # 8 CPU devices; the programs are tiny and compiling dominates the runtime, so compile cheaply

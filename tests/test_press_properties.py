@@ -14,28 +14,24 @@ constant statistics). Invariants of the plan:
 
 The presses that drop prompt tokens inside the model (FastV, PyramidDrop) have no cache plan:
 their static schedules are checked instead (layers in [1, L), span tokens kept never grow).
-Profiles as in test_properties.py (CI: 4 cases per press; `JAX_TOKENS_HYPOTHESIS=long`).
+Profiles as in test_properties.py: a case is a configuration (press, prompt length, batch,
+heads, width, layer, dtype) with `INPUT_DRAWS` inputs (left padding per row, ties, seed) run
+through its one compiled plan (CI: 4 configurations per press, 2 inputs each;
+`JAX_TOKENS_HYPOTHESIS=long`: 8 inputs each).
 """
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
+from conftest import INPUT_DRAWS, log_property_case
 from jax_tokens.reducers import presses
 from jax_tokens.reducers.presses import base
-
-settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", deadline=None,
-                          max_examples=int(os.environ.get("JAX_TOKENS_HYPOTHESIS_EXAMPLES", 2000)),
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("JAX_TOKENS_HYPOTHESIS", "ci"))
 
 
 def _ratio(k: int, t: int) -> float:
@@ -100,16 +96,17 @@ def cases(draw, method):
     kvh = draw(st.sampled_from([1, 2]))
     groups = draw(st.sampled_from([1, 2, 3]))
     hd = draw(st.sampled_from([2, 4, 8]))
-    pads = tuple(draw(st.integers(0, t - 2)) for _ in range(b))
     num_layers = draw(st.integers(1, 4))
     layer = draw(st.integers(0, num_layers - 1))
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
-    ties = draw(st.sampled_from(["none", "duplicate_keys", "constant"]))
-    seed = draw(st.integers(0, 2 ** 16))
-    return press, t, b, kvh, groups, hd, pads, num_layers, layer, dtype, ties, seed
+    inputs = draw(st.lists(st.tuples(st.tuples(*[st.integers(0, t - 2)] * b),   # pads per row
+                                     st.sampled_from(["none", "duplicate_keys", "constant"]),
+                                     st.integers(0, 2 ** 16)),                   # seed
+                           min_size=INPUT_DRAWS, max_size=INPUT_DRAWS))
+    return press, t, b, kvh, groups, hd, num_layers, layer, dtype, tuple(inputs)
 
 
-def _inputs(press, t, b, kvh, groups, hd, pads, num_layers, layer, dtype, ties, seed):
+def _inputs(press, t, b, kvh, groups, hd, num_layers, layer, dtype, pads, ties, seed):
     """Left-padded prompts: keys, values, positions and the statistics the press requests
     (causal attention probabilities that give padding nothing), drawn with NumPy."""
     rng = np.random.default_rng(seed)
@@ -158,15 +155,22 @@ def _check_schedule(press, t, num_layers):
 
 
 def _check(method, case):
-    press, t, b, kvh, groups, hd, pads, num_layers, layer, dtype, ties, seed = case
-    if os.environ.get("JAX_TOKENS_PROPERTY_LOG"):       # benchmarks/properties.py counts cases
-        with open(os.environ["JAX_TOKENS_PROPERTY_LOG"], "a") as f:
-            f.write(f"{method}\n")
-    if getattr(press, "drops_tokens", False):
+    """One configuration: its plan compiled once, every drawn input checked through it."""
+    press, t, b, kvh, groups, hd, num_layers, layer, dtype, inputs = case
+    schedule_only = getattr(press, "drops_tokens", False)
+    log_property_case(method, 0 if schedule_only else len(inputs))
+    if schedule_only:
         _check_schedule(press, t, num_layers)
         return
-    inputs = _inputs(*case)
-    k = press.n_kept(t, layer, num_layers)
+    plan_jit = jax.jit(press.plan)
+    for pads, ties, seed in inputs:
+        _check_input(method, press, _inputs(*case[:-1], pads, ties, seed), pads, plan_jit)
+
+
+def _check_input(method, press, inputs, pads, plan_jit):
+    """The invariants of the plan for one input (eager), and jit == eager."""
+    b, t, kvh, hd = inputs.keys.shape
+    k = press.n_kept(t, inputs.layer, inputs.num_layers)
     plan = press.plan(inputs)
     idx = np.asarray(plan.kept_idx)
     # Static shape, prompt slots, distinct per head.
@@ -205,7 +209,7 @@ def _check(method, case):
             for j in range(kvh):
                 assert set(range(pads[i], pads[i] + real)) <= set(idx[i, j])
     # jit == eager.
-    idx_jit = np.asarray(jax.jit(press.plan)(inputs).kept_idx)
+    idx_jit = np.asarray(plan_jit(inputs).kept_idx)
     np.testing.assert_array_equal(idx_jit, idx)
 
 

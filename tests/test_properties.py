@@ -9,36 +9,34 @@ and inputs with duplicates and ties. Invariants:
 * `plan.invert(plan.apply(x))` gives every kept token (its slot's only member) back exactly;
 * no NaN or Inf; `jax.jit` equals eager; the gradient is finite.
 
-Each case compiles one program holding every jitted check. CI runs a fast profile (4 cases
-per reducer, each also run eagerly). `python benchmarks/properties.py --examples N` runs N
-cases per reducer (the "long" profile: token counts and widths from buckets so programs are
-reused, the eager comparison on one case in ten; its count and result are in BENCHMARKS.md);
-`JAX_TOKENS_HYPOTHESIS=long` (and `JAX_TOKENS_HYPOTHESIS_EXAMPLES`) selects it here too.
+A hypothesis case is a configuration (layout, reducer and budget, batch, dtype: everything
+static under jit) and `INPUT_DRAWS` inputs drawn for it (seed, ties, token sizes). The
+configuration compiles one program holding every jitted check, and each input runs through it
+and is checked on its own: compiling costs seconds on XLA:CPU, running a tiny input
+milliseconds. CI runs a fast profile (4 configurations per reducer, 2 inputs each, each also
+run eagerly). `python benchmarks/properties.py --examples N` runs N configurations per reducer
+(the "long" profile: 8 inputs each, token counts and widths from buckets so programs are
+reused, the eager comparison on one configuration in ten; its count and result are in
+BENCHMARKS.md); `JAX_TOKENS_HYPOTHESIS=long` (with `JAX_TOKENS_HYPOTHESIS_EXAMPLES` and
+`JAX_TOKENS_HYPOTHESIS_INPUTS`) selects it here too.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
+from conftest import INPUT_DRAWS, PROPERTY_PROFILE as PROFILE, log_property_case
 from jax_tokens import reducers
 from jax_tokens.attention import attention
 from jax_tokens.reducers import pitome as _pitome
 
-settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", deadline=None,
-                          max_examples=int(os.environ.get("JAX_TOKENS_HYPOTHESIS_EXAMPLES", 2000)),
-                          suppress_health_check=[HealthCheck.too_slow])
-PROFILE = os.environ.get("JAX_TOKENS_HYPOTHESIS", "ci")
-settings.load_profile(PROFILE)
 
 # The long profile draws token counts and head widths from buckets (odd and even, the smallest
 # legal ones included) so that its thousands of cases reuse compiled programs; the CI profile
@@ -188,10 +186,11 @@ def cases(draw, method):
     spec = red.schedule(layout)[0]
     b = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
-    seed = draw(st.integers(0, 2 ** 16))
-    ties = draw(st.sampled_from(["none", "duplicate_tokens", "constant"]))
-    integer_sizes = draw(st.booleans())
-    return layout, red, spec, b, dtype, seed, ties, integer_sizes
+    inputs = draw(st.lists(st.tuples(st.integers(0, 2 ** 16),                   # seed
+                                     st.sampled_from(["none", "duplicate_tokens", "constant"]),
+                                     st.booleans()),                            # integer sizes
+                           min_size=INPUT_DRAWS, max_size=INPUT_DRAWS))
+    return layout, red, spec, b, dtype, tuple(inputs)
 
 
 def _inputs(layout, b, dtype, seed, ties, integer_sizes):
@@ -249,28 +248,36 @@ def _outputs(method, red, layout, spec, x, size, stats, key, module=None):
 # case) is closed over instead.
 _outputs_jit = jax.jit(_outputs, static_argnames=("method", "red", "layout", "spec"))
 
-# The CI profile runs every case eagerly too; the long profile one case in EAGER_EVERY (eager
-# dispatch compiles each operation for each new shape: most of a case's cost).
+# The CI profile runs every configuration eagerly too; the long profile one configuration in
+# EAGER_EVERY (eager dispatch compiles each operation for each new shape: most of the cost).
 EAGER_EVERY = 1 if PROFILE == "ci" else 10
 
 
 def _check(method, case):
-    layout, red, spec, b, dtype, seed, ties, integer_sizes = case
-    if os.environ.get("JAX_TOKENS_PROPERTY_LOG"):       # benchmarks/properties.py counts cases
-        with open(os.environ["JAX_TOKENS_PROPERTY_LOG"], "a") as f:
-            f.write(f"{method}\n")
-    x, size, qk = _inputs(layout, b, dtype, seed, ties, integer_sizes)
-    key = jax.random.key(seed + 1)
-    module = red.make_module(layout, spec, rngs=nnx.Rngs(seed)) if red.learned else None
+    """One configuration: its program compiled once, every drawn input checked through it."""
+    layout, red, spec, b, dtype, inputs = case
+    log_property_case(method, len(inputs) if spec.active else 0)
     if not spec.active:
         assert spec.n_out == spec.n_in == layout.num_tokens
         return
-    stats = _stats(layout, red, spec, x, qk)
-    args = (x, size, stats, key)
+    seed0 = inputs[0][0]
+    module = red.make_module(layout, spec, rngs=nnx.Rngs(seed0)) if red.learned else None
     if module is None:
-        out = _outputs_jit(method, red, layout, spec, *args)
+        program = functools.partial(_outputs_jit, method, red, layout, spec)
     else:
-        out = jax.jit(lambda *a: _outputs(method, red, layout, spec, *a, module))(*args)
+        program = jax.jit(lambda *a: _outputs(method, red, layout, spec, *a, module))
+    eager = seed0 % EAGER_EVERY == 0
+    for seed, ties, integer_sizes in inputs:
+        x, size, qk = _inputs(layout, b, dtype, seed, ties, integer_sizes)
+        args = (x, size, _stats(layout, red, spec, x, qk), jax.random.key(seed + 1))
+        _check_input(method, layout, red, spec, b, dtype, args, program(*args),
+                     module if eager else False)
+
+
+def _check_input(method, layout, red, spec, b, dtype, args, out, module):
+    """The invariants on one input `args` = (x, size, stats, key) given the program's outputs;
+    the eager comparison too unless `module` is False."""
+    x, size = args[:2]
     y_dtype = out["y"].dtype
     out = {k: (v if k == "plan" else np.asarray(v.astype(jnp.float32))) for k, v in out.items()}
     y, new_size, plan = out["y"], out["size"], out["plan"]
@@ -301,7 +308,7 @@ def _check(method, case):
     # A finite gradient.
     assert np.isfinite(out["grad"]).all()
     # jit == eager.
-    if seed % EAGER_EVERY == 0:
+    if module is not False:
         ye, se, pe = _reduce(red, layout, spec, *args, module)
         np.testing.assert_allclose(np.asarray(ye.astype(jnp.float32)), y, **tol)
         np.testing.assert_allclose(np.asarray(se), new_size, rtol=1e-6)
@@ -340,4 +347,4 @@ def test_smallest_and_largest_budgets(method):
     for kw in budgets:
         red = reducers.get(method)(**kw)
         spec = red.schedule(layout)[0]
-        _check(method, (layout, red, spec, 2, jnp.float32, 0, "duplicate_tokens", True))
+        _check(method, (layout, red, spec, 2, jnp.float32, ((0, "duplicate_tokens", True),)))
