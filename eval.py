@@ -16,7 +16,9 @@ model's reducer, `METHOD:FIELD=v1,...` switches to another registered reducer fi
 fields at their defaults). `--visualize N` writes a PNG per image showing which patches each
 output token gathers (merged groups, or kept/dropped patches, as the reducer draws itself).
 `--config` (with `--config.x=y`) overrides the run's config, e.g. the data dir or the eval
-reduction; the architecture must match the checkpoint's.
+reduction; the architecture must match the checkpoint's. Compiled programs are kept in the
+workdir's compilation_cache/ (JAX's persistent cache, shared with train.py;
+`--compilation_cache` names another directory or '' turns it off).
 """
 
 import dataclasses
@@ -52,6 +54,10 @@ _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Evaluate accuracy on
                                      "examples only.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (median reported).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "workdir", "JAX's persistent compilation cache: 'workdir' (the "
+    "--workdir's compilation_cache/, which train.py fills; none with --checkpoint), a "
+    "directory, or '' (off).")
 
 
 def _fail(msg: str) -> int:
@@ -286,8 +292,20 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.ERROR)
     from jax_tokens import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     from jax_tokens import data as data_lib  # pylint: disable=import-outside-toplevel
+    from jax_tokens import compile_cache  # pylint: disable=import-outside-toplevel
     try:
-        return _run()
+        try:
+            workdir = _WORKDIR.value if _WORKDIR.value and os.path.isdir(_WORKDIR.value) \
+                else None        # a missing workdir is _run's error to report
+            cache_dir = compile_cache.prepare(_COMPILATION_CACHE.value, workdir)
+        except (ValueError, OSError) as e:
+            raise trainer.ConfigError(f"--compilation_cache={_COMPILATION_CACHE.value}: {e}") \
+                from None
+        with compile_cache.persistent(cache_dir) as stats:
+            status = _run()
+        if cache_dir is not None:
+            print(stats.summary(), flush=True)
+        return status
     except (trainer.ConfigError, ckpt_lib.CheckpointError, data_lib.DatasetNotPreparedError,
             NotImplementedError) as e:
         return _fail(str(e))

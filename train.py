@@ -13,8 +13,10 @@ different config is an error naming the differences. On SIGTERM / SIGINT (preemp
 in progress finishes, a checkpoint is saved and train.py exits with status 75; rerun the same
 command to resume. A second train.py on the same workdir fails, naming the first (train.lock).
 Outputs in the workdir: checkpoints/,
-metrics.jsonl, tensorboard/, config.json, results.json and export/ (params + config,
-model.safetensors with timm names).
+metrics.jsonl, tensorboard/, config.json, results.json, export/ (params + config,
+model.safetensors with timm names) and compilation_cache/ (JAX's persistent compilation cache:
+a rerun or a resume compiles nothing; `--config.train.compilation_cache=DIR` shares one between
+runs, `=''` turns it off).
 """
 
 import os

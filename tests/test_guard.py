@@ -50,11 +50,10 @@ def data_dir(tmp_path_factory):
     return str(d)
 
 
-def _env(cache_dir):
+def _env():
+    """A relaunch on the same workdir reuses the programs in its compilation_cache/."""
     return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                JAX_PLATFORMS="cpu")
 
 
 def _cli(overrides, workdir):
@@ -69,7 +68,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(name, data_dir, tmp_
     trainer.train(trainer.load_config(BASE_CONFIG, overrides), str(reference), log=lambda s: None)
 
     workdir = tmp_path / "preempted"
-    env = _env(tmp_path / "jax_cache")
+    env = _env()
     proc = subprocess.Popen(_cli(overrides, workdir), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpts = workdir / "checkpoints"
@@ -124,7 +123,7 @@ def test_one_run_per_workdir(tmp_path):
     # The CLI: one error line naming the other run, nothing else touched.
     (workdir / "train.lock").write_text(json.dumps(
         {"host": held["host"], "pid": os.getpid(), "started": "now", "command": "train.py"}))
-    out = subprocess.run(_cli(TINY, workdir), cwd=ROOT, env=_env(tmp_path / "cache"),
+    out = subprocess.run(_cli(TINY, workdir), cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith("error: the workdir is in use by another train.py run: pid "
@@ -159,7 +158,7 @@ def test_export_manifest_names_a_changed_file(data_dir, tmp_path):
                                        ("train.grad_accum_steps", 0), ("checkpoint.keep", 0)])
 def test_bad_values_are_one_error_line(key, value, tmp_path):
     out = subprocess.run(_cli({key: value}, tmp_path / "w"), cwd=ROOT,
-                         env=_env(tmp_path / "cache"), capture_output=True, text=True,
+                         env=_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == (f"error: config.{key}={value} is not allowed: it must be an "

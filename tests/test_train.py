@@ -85,14 +85,11 @@ def test_loss_falls_and_outputs_written(reference_run):
     np.testing.assert_array_equal(tensors["head.bias"], np.asarray(params["head"]["bias"]))
 
 
-def _subprocess_env(cache_dir=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    if cache_dir is not None:   # the relaunch reuses the first launch's compiled steps
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
+def _subprocess_env():
+    """train.py in a subprocess; its compiled programs persist in the workdir's
+    compilation_cache/, so a relaunch on the same workdir compiles nothing."""
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                JAX_PLATFORMS="cpu")
 
 
 def _cli_args(data_dir, workdir):
@@ -106,7 +103,7 @@ def test_resume_after_sigkill_is_exact(reference_run, data_dir, tmp_path):
     ref_workdir, _ = reference_run
     workdir = str(tmp_path / "killed")
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    env = _subprocess_env(tmp_path / "jax_cache")
+    env = _subprocess_env()
     proc = subprocess.Popen(_cli_args(data_dir, workdir), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed_at = None
@@ -131,6 +128,8 @@ def test_resume_after_sigkill_is_exact(reference_run, data_dir, tmp_path):
     assert match, resumed.stdout
     step = int(match[0].rsplit(" ", 1)[1])
     assert EVERY <= step < STEPS, match
+    cache = [l for l in resumed.stdout.splitlines() if l.startswith("compilation cache ")]
+    assert cache and " 0 programs loaded" not in cache[0], resumed.stdout  # the train step
     ref = convert.read_safetensors(os.path.join(ref_workdir, "export", "model.safetensors"))
     got = convert.read_safetensors(os.path.join(workdir, "export", "model.safetensors"))
     assert ref.keys() == got.keys()
@@ -300,3 +299,35 @@ def test_seed_reaches_init_and_data_order(data_dir, tmp_path):
               for s in (0, 0, 1)]
     np.testing.assert_array_equal(firsts[0]["image"], firsts[1]["image"])
     assert not np.array_equal(firsts[0]["label"], firsts[2]["label"])
+
+
+def test_compilation_cache_makes_a_rerun_compile_nothing(data_dir, tmp_path):
+    """train.compilation_cache: a second run of the same config (another workdir sharing the
+    cache directory) loads every program the first one compiled and compiles none; the
+    result is the same; the settings of the process are restored afterwards."""
+    cache = str(tmp_path / "cache")
+    extra = {"train.total_steps": 20, "checkpoint.every_steps": 20,
+             "train.compilation_cache": cache}
+    config = trainer.load_config(BASE_CONFIG, _overrides(data_dir, **extra))
+    first = trainer.train(config, str(tmp_path / "a"), log=lambda s: None)
+    lines = []
+    second = trainer.train(config, str(tmp_path / "b"), log=lines.append)
+    assert first["compilation_cache"]["written"] >= 2, first     # the train and eval steps
+    assert second["compilation_cache"]["loaded"] >= first["compilation_cache"]["written"]
+    assert second["compilation_cache"]["written"] == 0, second
+    assert second["top1"] == first["top1"] and second["eval_loss"] == first["eval_loss"]
+    assert any(l.startswith(f"compilation cache {cache}: ") for l in lines), lines
+    assert jax.config.jax_compilation_cache_dir is None
+    # The default keeps the cache in the workdir; '' turns it off.
+    off = trainer.train(trainer.load_config(BASE_CONFIG, _overrides(
+        data_dir, **{**extra, "train.compilation_cache": ""})), str(tmp_path / "c"),
+        log=lambda s: None)
+    assert off["compilation_cache"]["directory"] is None
+    assert not os.path.exists(tmp_path / "c" / "compilation_cache")
+    # A directory that cannot be created is a config error naming the key.
+    (tmp_path / "file").write_text("x")
+    bad = trainer.load_config(BASE_CONFIG, _overrides(
+        data_dir, **{**extra, "train.compilation_cache": str(tmp_path / "file" / "cache")}))
+    with pytest.raises(trainer.ConfigError, match="config.train.compilation_cache=.*cannot "
+                       "create the cache directory"):
+        trainer.train(bad, str(tmp_path / "d"), log=lambda s: None)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jax_tokens import checkpoint as ckpt_lib
+from jax_tokens import compile_cache
 from jax_tokens import data as data_lib
 from jax_tokens import sharding as shd
 from jax_tokens.metrics import MetricWriter
@@ -158,11 +159,18 @@ def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
-        return _train(config, workdir, log, t_start)
+    try:
+        cache_dir = compile_cache.prepare(config.train.compilation_cache, workdir)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config.train.compilation_cache={config.train.compilation_cache!r}: "
+                          f"{e}") from None
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log), \
+            compile_cache.persistent(cache_dir) as cache_stats:
+        return _train(config, workdir, log, t_start, cache_stats)
 
 
-def _train(config, workdir: str, log: Callable[[str], None], t_start: float) -> dict:
+def _train(config, workdir: str, log: Callable[[str], None], t_start: float,
+           cache_stats: compile_cache.CacheStats) -> dict:
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          every=config.checkpoint.every_steps,
                                          keep=config.checkpoint.keep,
@@ -340,12 +348,14 @@ def _train(config, workdir: str, log: Callable[[str], None], t_start: float) -> 
                             train_config=config_json)
             log(f"exported parameters + config to {export_dir} (model.safetensors: timm names)")
     writer.close()
+    if cache_stats.directory is not None:
+        log(cache_stats.summary())
     result = {"step": step, "top1": eval_res["top1"], "top5": eval_res["top5"],
               "eval_loss": eval_res["loss"], "train_seconds": round(train_s, 1),
               "compile_seconds": round(compile_s, 1),
               "train_images_per_s": round(trained_images / train_s, 1) if train_s else None,
               "wall_seconds": round(time.perf_counter() - t_start, 1),
-              "resumed_from": latest}
+              "resumed_from": latest, "compilation_cache": cache_stats.as_dict()}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=128, epochs=1.0, total_steps=ph(int), lr=1e-3, min_lr=0.0,
         warmup_epochs=0.0, warmup_steps=ph(int), weight_decay=0.05, b1=0.9, b2=0.999,
         label_smoothing=0.0, grad_clip=1.0, grad_accum_steps=1, log_every=50, progress=True,
+        # JAX's persistent compilation cache: "workdir" (WORKDIR/compilation_cache), a
+        # directory (shared by runs), or "" (off); see jax_tokens/compile_cache.py
+        compilation_cache="workdir",
     ))
     c.eval = _cd(dict(
         batch_size=256,
@@ -99,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 RUNTIME_KEYS = frozenset({
     "data.data_dir", "data.num_threads", "data.prefetch", "data.worker_count",
-    "data.auto_prepare", "train.log_every", "train.progress", "eval.batch_size",
+    "data.auto_prepare", "train.log_every", "train.progress", "train.compilation_cache",
+    "eval.batch_size",
     "eval.every_steps", "eval.max_examples", "eval.at_end", "checkpoint.every_steps",
     "checkpoint.keep",
     "checkpoint.async_save", "checkpoint.export", "mesh.", "sharding.", "distributed",
