@@ -7,10 +7,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jax_tokens.attention import xla
+from jax_tokens.attention import fused, xla
 from jax_tokens.attention.checks import check_inputs
 
-IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn")
 
 
 def resolve_impl(impl: str) -> str:
@@ -74,7 +74,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
       query_index: which query row(s) "cls_probs" returns.
       scale: logits scale, default D ** -0.5.
       impl: "xla" (materialises probabilities; the oracle), "pallas_tpu", "pallas_gpu",
-        or "auto" (Pallas on TPU/GPU, XLA on CPU).
+        "cudnn" (jax.nn.dot_product_attention, cuDNN's fused kernel on a GPU, with the
+        statistics that need no probability matrix: see `fused.FUSED_STATS`), or "auto"
+        (Pallas on TPU/GPU, XLA on CPU).
 
     Returns:
       (out [B, Nq, H, D] in q's dtype, dict of the requested statistics).
@@ -91,6 +93,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
                   query_index=query_index, scale=scale)
     if impl == "xla":
         return xla.attention_xla(q, k, v, **kwargs)
+    if impl == "cudnn":
+        return fused.attention_fused(q, k, v, **kwargs)
     if impl in ("pallas_tpu", "pallas_gpu"):
         from jax_tokens.attention import pallas  # pylint: disable=import-outside-toplevel
         k, v, kwargs["bias"] = repeat_kv_heads(q, k, v, bias)
