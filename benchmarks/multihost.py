@@ -25,7 +25,8 @@ from jax_tokens import data as data_lib  # noqa: E402
 from jax_tokens.train import launch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"tome": ("fashion_mnist_tome.py", ["--config.model.reduction.r=2"]),
+CONFIGS = {"tome": ("fashion_mnist_tome.py", ["--config.model.reduction.r=2",
+                                               "--config.budget_warmup.fraction=0"]),
            "evit": ("fashion_mnist_evit.py", ["--config.model.reduction.layers=[1]"]),
            "none": ("fashion_mnist_vit.py", [])}
 

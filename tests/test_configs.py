@@ -139,8 +139,12 @@ def test_budget_phases_tome_linear_and_off():
     phases = trainer.budget_phases(config, cfg, 100)
     assert [(p.start, p.reduction.r) for p in phases] == [(0, (0, 0, 0, 0)), (35, (6, 6, 6, 6)),
                                                          (60, 12)]
-    base = trainer.load_config(_cfg("fashion_mnist_tome.py"))
-    assert trainer.budget_phases(base, cfg, 100) == [trainer.Phase(0, cfg.reduction)]
+    off = trainer.load_config(_cfg("fashion_mnist_tome.py"), {"budget_warmup.fraction": 0.0})
+    assert trainer.budget_phases(off, cfg, 100) == [trainer.Phase(0, cfg.reduction)]
+    # the config's default: r linear from 0 over the first half, 4 levels
+    default = trainer.load_config(_cfg("fashion_mnist_tome.py"))
+    assert [(p.start, p.reduction.r) for p in trainer.budget_phases(default, cfg, 100)] == [
+        (0, (0, 0, 0, 0)), (12, (3, 3, 3, 3)), (25, (6, 6, 6, 6)), (37, (9, 9, 9, 9)), (50, 12)]
 
 
 def test_config_diff_ignores_runtime_keys():
