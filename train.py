@@ -82,7 +82,7 @@ def main(argv):
     except guard.Preempted:       # the checkpoint is saved and the loop said so
         return guard.PREEMPTED_EXIT_CODE
     except (schema.ConfigError, checkpoint.CheckpointError, guard.WorkdirInUseError,
-            data.DatasetNotPreparedError) as e:
+            guard.TrainingDiverged, data.DatasetNotPreparedError) as e:
         print(schema.error_line(e), file=sys.stderr, flush=True)
         return 1
     if not lead:

@@ -222,3 +222,52 @@ def test_public_functions_accept_numpy_and_lists():
         merge.merge(plan, {"not": "an array"})
     with pytest.raises(TypeError, match="scores must be an array"):
         prune.topk(np.array([["a", "b"]]), 1)
+
+
+def test_nonfinite_loss_stops_training_before_any_save(data_dir, tmp_path, monkeypatch):
+    """A gradient norm that turns NaN at step 26 (the train step poisoned from there on):
+    training stops with TrainingDiverged naming the step, no checkpoint from step 26 on is
+    written (checkpoints every 10 steps: 10 and 20 stay, 30 never comes), and the message names
+    the checkpoint a rerun resumes from."""
+    from jax_tokens.train import loop
+    real = loop.make_train_step
+
+    def poisoned(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def step(state, rest, batch):
+            new_state, metrics = fn(state, rest, batch)
+            bad = state.step >= 25                        # the 26th step and later
+            return new_state, dict(metrics, grad_norm=jnp.where(bad, jnp.nan,
+                                                                metrics["grad_norm"]))
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    overrides = {**TINY, "data.data_dir": data_dir, "train.total_steps": 40,
+                 "checkpoint.every_steps": 10, "checkpoint.keep": 5, "train.log_every": 7}
+    workdir = tmp_path / "diverged"
+    with pytest.raises(guard.TrainingDiverged, match=r"grad_norm is nan at step 26; nothing "
+                       r"from that step on was saved \(the newest checkpoint, step 20"):
+        trainer.train(trainer.load_config(BASE_CONFIG, overrides), str(workdir),
+                      log=lambda s: None)
+    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert steps == [10, 20], steps
+    assert not (workdir / "results.json").exists()
+
+
+def test_exploding_learning_rate_is_a_one_line_error(data_dir, tmp_path):
+    """A learning rate of 1e30 really diverges: train.py prints one error line naming the
+    step and the remedy, exits 1 and leaves no checkpoint of non-finite parameters."""
+    overrides = {**TINY, "data.data_dir": data_dir, "train.total_steps": 30,
+                 "train.lr": 1e30, "checkpoint.every_steps": 10}
+    workdir = tmp_path / "exploded"
+    out = subprocess.run(_cli(overrides, workdir), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "training diverged" in errors[0] and "Lower config.train.lr (now 1e+30)" in errors[0]
+    bad_step = int(errors[0].split(" at step ")[1].split(";")[0])
+    ckpts = workdir / "checkpoints"
+    saved = [int(s) for s in os.listdir(ckpts) if s.isdigit()] if ckpts.exists() else []
+    assert all(s < bad_step for s in saved), (saved, bad_step)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ import threading
 from typing import Callable
 
 __all__ = ["WorkdirLock", "WorkdirInUseError", "StopSignals", "Preempted",
-           "PREEMPTED_EXIT_CODE"]
+           "PREEMPTED_EXIT_CODE", "TrainingDiverged", "first_nonfinite"]
 
 PREEMPTED_EXIT_CODE = 75
 """train.py's exit status after a preemption (EX_TEMPFAIL: rerun the same command)."""
@@ -40,6 +41,26 @@ class Preempted(Exception):
         self.step, self.signum = step, signum
         super().__init__(f"preempted at step {step} ({signal.Signals(signum).name}); the "
                          "checkpoint is saved: rerun the same command to resume")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or Inf; nothing after the last finite step was
+    saved."""
+
+
+GUARDED_METRICS = ("loss", "grad_norm")
+"""Train-step metrics that must stay finite: a non-finite gradient norm means the update that
+follows has poisoned the parameters even when that step's loss was still finite."""
+
+
+def first_nonfinite(metrics: list[dict], first_step: int):
+    """(step, name, value) of the first non-finite guarded metric in `metrics` (host values of
+    steps first_step, first_step + 1, ...), or None."""
+    for i, m in enumerate(metrics):
+        for name in GUARDED_METRICS:
+            if name in m and not math.isfinite(float(m[name])):
+                return first_step + i, name, float(m[name])
+    return None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -24,7 +24,8 @@ from jax_tokens import sharding as shd
 from jax_tokens.metrics import MetricWriter
 from jax_tokens.train import export as export_lib
 from jax_tokens.train.budgets import budget_phases, model_config, phase_at
-from jax_tokens.train.guard import Preempted, StopSignals, WorkdirLock
+from jax_tokens.train.guard import (Preempted, StopSignals, TrainingDiverged, WorkdirLock,
+                                    first_nonfinite)
 from jax_tokens.train.measure import evaluate
 from jax_tokens.train.schema import ConfigError, check_config, config_to_dict
 from jax_tokens.train.state import (TrainState, init_model, jit_eval_step, make_eval_step,
@@ -268,6 +269,25 @@ def _train(config, workdir: str, log: Callable[[str], None], t_start: float,
                                 "eval/loss": res["loss"]})
             return res
 
+        def check_finite(host_metrics: list[dict], last_step: int) -> None:
+            """TrainingDiverged at the first non-finite loss / gradient norm among the steps
+            ending at `last_step`: called before every save, so no checkpoint holds
+            parameters updated by a non-finite gradient."""
+            bad = first_nonfinite(host_metrics, last_step - len(host_metrics) + 1)
+            if bad is None:
+                return
+            bad_step, name, value = bad
+            checkpointer.wait()
+            kept = checkpointer.latest_step()
+            writer.close()
+            kept_text = (f"the newest checkpoint, step {kept}, holds finite parameters and "
+                         f"rerunning the same command resumes from it on the same data order"
+                         if kept is not None else "no checkpoint was written")
+            raise TrainingDiverged(
+                f"training diverged: {name} is {value} at step {bad_step}; nothing from that "
+                f"step on was saved ({kept_text}). Lower config.train.lr (now {t.lr}) or "
+                f"config.train.grad_clip (now {t.grad_clip}), or change config.seed")
+
         progress = _Progress(total_steps, start_step, t.progress, log)
         pending: list[dict] = []
         interval_t0, interval_images = time.perf_counter(), 0
@@ -307,14 +327,17 @@ def _train(config, workdir: str, log: Callable[[str], None], t_start: float,
                     info = {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
                     info["images_per_s"] = ips
                     writer.write(step, {f"train/{k}": v for k, v in info.items()})
+                    check_finite(host, step)
                     rate = trained_images / max(now - train_t0, 1e-9)
                     eta = (total_steps - step) * t.batch_size / rate if rate > 0 else None
                     progress.show(step, info, eta)
                     interval_t0, interval_images = now, 0
                 if checkpointer.should_save(step) or step == total_steps:
+                    check_finite(jax.device_get(pending), step)
                     checkpointer.save(step, current_state(), data_iterator=loader.iterator,
                                       config=config_json, force=step == total_steps)
                 if _stop_requested(stop):
+                    check_finite(jax.device_get(pending), step)
                     checkpointer.wait()          # a save of this very step may be in flight
                     if checkpointer.latest_step() != step:
                         checkpointer.save(step, current_state(), data_iterator=loader.iterator,
