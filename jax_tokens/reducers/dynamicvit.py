@@ -73,8 +73,13 @@ class Predictor(nnx.Module):
         h = jax.nn.gelu(self.inp(self.norm(x)), approximate=False)
         c = h.shape[-1]
         policy = policy.astype(h.dtype)
-        glob = (h[..., c // 2:] * policy).sum(axis=1, keepdims=True) / policy.sum(
-            axis=1, keepdims=True)
+        # The policy-weighted mean of the global half. The reference divides by the policy's
+        # sum as is, which is 0/0 = NaN for an image whose every patch token an earlier stage
+        # dropped (seen training on Fashion-MNIST: one seed's loss turned NaN at step 958);
+        # a floor of 1e-6 leaves every other case bit-identical (sums of a 0/1 policy are 0
+        # or >= 1) and gives such an image a zero global feature and finite gradients.
+        glob = (h[..., c // 2:] * policy).sum(axis=1, keepdims=True) / jnp.maximum(
+            policy.sum(axis=1, keepdims=True), 1e-6)
         h = jnp.concatenate([h[..., :c // 2], jnp.broadcast_to(glob, h[..., c // 2:].shape)],
                             axis=-1)
         h = jax.nn.gelu(self.out1(h), approximate=False)
