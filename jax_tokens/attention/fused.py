@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jax_tokens.attention import xla
 
-FUSED_STATS = ("cls_probs", "lse", "mean_key", "value_norm") + xla.FULL_WIDTH_STATS
+FUSED_STATS = ("cls_probs", "lse") + xla.INPUT_STATS
 """The statistics impl="cudnn" computes beside the fused kernel."""
 
 
@@ -110,10 +110,6 @@ def attention_fused(q, k, v, *, bias=None, key_size=None, causal: bool = False,
             q, k, extra, query_index, scale, causal))
     if "lse" in stats:                                      # [B, Nq, H] -> [B, H, Nq]
         result["lse"] = jax.lax.stop_gradient(jnp.swapaxes(lse, 1, 2).astype(jnp.float32))
-    if "mean_key" in stats:
-        result["mean_key"] = k.mean(axis=2)
-    if "value_norm" in stats:
-        result["value_norm"] = xla.value_norm(v, h)
-    result.update(xla.full_width_stats(q, k, stats, key_size=key_size, causal=causal,
-                                       query_index=query_index))
+    result.update(xla.input_stats(q, k, v, stats, key_size=key_size, causal=causal,
+                                  query_index=query_index))
     return out, {name: result[name] for name in stats}

@@ -258,16 +258,12 @@ def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
             result["cls_probs"] = _cls_probs(
                 sg(q), sg(k), sg(kb), None if bias is None else sg(bias), lse, idx, squeeze,
                 scale, cfg.causal)
-        elif name == "mean_key":
-            result["mean_key"] = k.mean(axis=2)
         elif name == "probs":      # N x N by definition: rebuilt from lse outside the kernel
             sg = jax.lax.stop_gradient
             result["probs"] = _cls_probs(
                 sg(q), sg(k), sg(kb), None if bias is None else sg(bias), lse,
                 np.arange(nq), False, scale, cfg.causal)
-        elif name == "value_norm":  # from the v input, outside the kernels
-            result["value_norm"] = xla.value_norm(v, h)
-        elif name in xla.FULL_WIDTH_STATS:   # from the q, k inputs, outside the kernels
-            result.update(xla.full_width_stats(q, k, (name,), key_size=key_size,
-                                               causal=cfg.causal, query_index=query_index))
+        elif name in xla.INPUT_STATS:    # from the q, k, v inputs, outside the kernels
+            result.update(xla.input_stats(q, k, v, (name,), key_size=key_size,
+                                          causal=cfg.causal, query_index=query_index))
     return out, result

@@ -80,10 +80,6 @@ def _shard_mapped_attention(q, k, v, *, stats, impl, mesh, sizes, rules, bias, k
                        check_vma=False)
     out, st = fn(*args)
     st = dict(st)
-    if "mean_key" in stats:
-        st["mean_key"] = k.mean(axis=2)
-    if "value_norm" in stats:
-        st["value_norm"] = xla.value_norm(v, h)
-    st.update(xla.full_width_stats(q, k, stats, key_size=key_size, causal=causal,
-                                   query_index=query_index))
+    st.update(xla.input_stats(q, k, v, stats, key_size=key_size, causal=causal,
+                              query_index=query_index))
     return out, {s: st[s] for s in stats}

@@ -70,13 +70,29 @@ def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
     result = probability_stats(probs, stats, query_index=query_index)
     if "lse" in stats:
         result["lse"] = jax.lax.stop_gradient(lse)
-    if "mean_key" in stats:
-        result["mean_key"] = k.mean(axis=2)
-    if "value_norm" in stats:
-        result["value_norm"] = value_norm(v, h)
-    result.update(full_width_stats(q, k, stats, key_size=key_size, causal=causal,
-                                   query_index=query_index))
+    result.update(input_stats(q, k, v, stats, key_size=key_size, causal=causal,
+                              query_index=query_index))
     return out, {name: result[name] for name in stats}
+
+
+INPUT_STATS = ("mean_key", "value_norm", "full_key", "full_cls_probs")
+"""The statistics computed from the q, k, v inputs alone, the same way by every
+implementation (outside any kernel)."""
+
+
+def input_stats(q, k, v, stats, *, key_size=None, causal: bool = False,
+                query_index=0) -> dict:
+    """The statistics of `stats` in INPUT_STATS: "mean_key" [B, Nk, D] (k averaged over its
+    heads), "value_norm" [B, Nk] and the full-width ones (`full_width_stats`), from q
+    [B, Nq, H, D], k and v [B, Nk, KVH, D]; other names are skipped."""
+    out = {}
+    if "mean_key" in stats:
+        out["mean_key"] = k.mean(axis=2)
+    if "value_norm" in stats:
+        out["value_norm"] = value_norm(v, q.shape[2])
+    out.update(full_width_stats(q, k, stats, key_size=key_size, causal=causal,
+                                query_index=query_index))
+    return out
 
 
 def value_norm(v, num_heads: int):
