@@ -29,6 +29,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_tokens.attention import xla
 
@@ -49,34 +50,14 @@ def _bias_per_query_head(extra, h: int):
     return jnp.repeat(extra, h // extra.shape[1], axis=1)
 
 
-def _rows(extra, query_index, nq: int):
-    """The bias rows of the queries `query_index`: [B|1, H|1, (L,) Nk] (fp32), or None."""
-    if extra is None:
-        return None
-    if extra.shape[2] == 1:
-        rows = extra[:, :, 0]
-        return rows if isinstance(query_index, int) else rows[:, :, None]
-    return jnp.take(extra, jnp.asarray(query_index) % nq, axis=2)
-
-
 def cls_probs(q, k, extra, query_index, scale: float, causal: bool):
     """The probability rows [B, H, Nk] (or [B, H, L, Nk]) of the queries `query_index`,
     from those queries and every key: O(Nk * D) per head (fp32, no gradient)."""
-    b, nq, h, _ = q.shape
-    nk, kvh = k.shape[1], k.shape[2]
-    pos = jnp.asarray(query_index) % nq
-    rows = jax.lax.stop_gradient(jnp.take(q, pos, axis=1))          # [B, (L,) H, D]
-    rows = rows.reshape(*rows.shape[:-2], kvh, h // kvh, rows.shape[-1])
-    logits = jnp.einsum("b...hgd,bkhd->bhg...k", rows, jax.lax.stop_gradient(k),
-                        preferred_element_type=jnp.float32)
-    logits = logits.reshape(b, h, *logits.shape[3:]) * scale       # [B, H, (L,) Nk]
-    bias_rows = _rows(extra, query_index, nq)
-    if bias_rows is not None:
-        logits = logits + bias_rows
-    if causal:
-        visible = jnp.arange(nk) <= pos[..., None] + (nk - nq)      # [(L,) Nk]
-        logits = jnp.where(visible, logits, -jnp.inf)
-    return jax.nn.softmax(logits, axis=-1)
+    pos = jnp.atleast_1d(jnp.asarray(query_index) % q.shape[1])
+    sg = jax.lax.stop_gradient
+    probs = jax.nn.softmax(xla.row_logits(sg(q), sg(k), pos, scale, extra=extra,
+                                          causal=causal), axis=-1)
+    return probs[:, :, 0] if np.ndim(query_index) == 0 else probs
 
 
 def attention_fused(q, k, v, *, bias=None, key_size=None, causal: bool = False,

@@ -163,19 +163,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _cls_probs(q, k, kb, bias, lse, idx, squeeze, scale, causal):
-    """Probability rows of the queries `idx`: [B, H, L, Nk] fp32, O(L * Nk * D)."""
-    nq, nk = q.shape[1], k.shape[1]
-    pos = jnp.asarray(idx) % nq
-    rows = jnp.take(q, pos, axis=1)                                    # [B, L, H, D]
-    logits = jnp.einsum("blhd,bkhd->bhlk", rows, k,
-                        preferred_element_type=jnp.float32) * scale
-    logits = logits + kb[:, None, None, :]
+    """Probability rows of the queries `idx`: [B, H, L, Nk] fp32, O(L * Nk * D), normalised
+    by the kernel's lse."""
+    pos = jnp.asarray(idx) % q.shape[1]
+    extra = kb[:, None, None, :]
     if bias is not None:
-        brow = bias if bias.shape[2] == 1 else jnp.take(bias, pos, axis=2)
-        logits = logits + brow.astype(jnp.float32)
-    if causal:
-        visible = jnp.arange(nk)[None, :] <= pos[:, None] + (nk - nq)
-        logits = jnp.where(visible, logits, -jnp.inf)
+        extra = extra + bias.astype(jnp.float32)
+    logits = xla.row_logits(q, k, pos, scale, extra=extra, causal=causal)
     probs = jnp.exp(logits - jnp.take(lse, pos, axis=2)[..., None])
     return probs[:, :, 0] if squeeze else probs
 

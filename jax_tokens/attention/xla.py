@@ -75,6 +75,24 @@ def attention_xla(q, k, v, *, bias=None, key_size=None, causal: bool = False,
     return out, {name: result[name] for name in stats}
 
 
+def row_logits(q, k, pos, scale: float, *, extra=None, causal: bool = False):
+    """The logits [B, H, L, Nk] (fp32) of the queries at positions `pos` [L] against every
+    key, O(L * Nk * D) per head: q [B, Nq, H, D], k [B, Nk, KVH, D] (grouped-query attention
+    when KVH < H), plus the rows of `extra` (an fp32 bias broadcastable to [B, H, Nq, Nk]) and
+    the causal mask (-inf). The kernels' and the fused path's CLS rows start from these."""
+    b, nq, h, d = q.shape
+    nk, kvh = k.shape[1], k.shape[2]
+    rows = jnp.take(q, pos, axis=1).reshape(b, -1, kvh, h // kvh, d)     # [B, L, KVH, G, D]
+    logits = jnp.einsum("blhgd,bkhd->bhglk", rows, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, h, -1, nk) * scale
+    if extra is not None:
+        logits = logits + (extra if extra.shape[2] == 1 else jnp.take(extra, pos, axis=2))
+    if causal:
+        visible = jnp.arange(nk)[None, :] <= pos[:, None] + (nk - nq)
+        logits = jnp.where(visible, logits, -jnp.inf)
+    return logits
+
+
 INPUT_STATS = ("mean_key", "value_norm", "full_key", "full_cls_probs")
 """The statistics computed from the q, k, v inputs alone, the same way by every
 implementation (outside any kernel)."""
