@@ -133,7 +133,8 @@ def _load(mesh, rules):
             config = user_config
             if saved is not None:
                 diff = [d for d in trainer.config_diff(saved, config, ())
-                        if d.startswith("model.") and not d.startswith("model.reduction.")]
+                        if d.startswith("model.") and not d.startswith("model.reduction.")
+                        and not d.startswith("model.token_multiple:")]
                 if diff:
                     raise ckpt_lib.CheckpointMismatchError(
                         f"--config describes a different model than the checkpoint in {path}:"
@@ -222,6 +223,20 @@ def _with_reduction(config, cfg):
     if not _has_reducer_slots(cfg):
         return cfg
     return cfg.replace(reduction=trainer.reducer_from_config(config.model.reduction))
+
+
+def _with_token_multiple(config, cfg, graphdef, params, rest, mesh, rules):
+    """The eval config's model.token_multiple (padded token arrays: same parameters, same
+    results) applied to the loaded model, whatever the checkpoint was trained with."""
+    if not _has_reducer_slots(cfg):
+        return cfg, graphdef
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    want = config.model.token_multiple
+    built = nnx.merge(graphdef, params, rest).cfg      # the config the graph was built from
+    if built.token_multiple != want:
+        graphdef, _, _, _ = trainer.init_model(built.replace(token_multiple=want), 0, mesh,
+                                               rules, abstract=True)
+    return cfg.replace(token_multiple=want), graphdef
 
 
 def _user_config():
@@ -318,6 +333,7 @@ def _run() -> int:
     mesh, rules = trainer.make_mesh_and_rules(_user_config())
     with shd.use_mesh(mesh, rules):
         config, cfg, graphdef, params, rest, out_dir = _load(mesh, rules)
+        cfg, graphdef = _with_token_multiple(config, cfg, graphdef, params, rest, mesh, rules)
         if _VISUALIZE.value and not _has_reducer_slots(cfg):
             raise trainer.ConfigError("--visualize draws what a reducer did; this model "
                                       f"({type(cfg).__name__}) has no reducer slots")

@@ -206,6 +206,46 @@ def test_every_registered_reducer_answers_the_protocol(method):
             assert red.anneal(layout, 1.0) == red
 
 
+@pytest.mark.parametrize("method", sorted(EXAMPLES))
+def test_every_reducer_gives_the_same_result_on_padded_tokens(method):
+    """token_multiple=8 (17 tokens carried in 24 rows, the padding masked): the same logits,
+    tokens, sizes and plans as the unpadded model, for the evaluation and the training
+    reducer; `trace_source` (patch -> token) unchanged."""
+    red = reducers.get(method)(**EXAMPLES[method])
+    cfg = ViTConfig(**SMALL, reduction=red, trace_source=red.rejoin_block(
+        ViTConfig(**SMALL).layout()) is None)
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    padded = VisionTransformer(cfg.replace(token_multiple=8), rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+
+    @jax.jit
+    def run(model, padded, images):
+        out = {}
+        for name, r in (("eval", red), ("train", red.training())):
+            for which, m in (("plain", model), ("padded", padded)):
+                logits, aux = m(images, key=jax.random.key(1), reduction=r)
+                aux = {k: v for k, v in aux.items() if k != "tokens"}
+                out[name, which] = (logits, aux)
+        return out
+
+    out = run(model, padded, images)
+    for name in ("eval", "train"):
+        (want, want_aux), (got, got_aux) = out[name, "plain"], out[name, "padded"]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(got_aux["size"]), np.asarray(want_aux["size"]),
+                                   atol=1e-5)
+        assert got_aux["last_hidden_state"].shape == want_aux["last_hidden_state"].shape
+        for a, b in zip(jax.tree.leaves(got_aux["plans"]), jax.tree.leaves(want_aux["plans"])):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            if jnp.issubdtype(a.dtype, jnp.integer) or a.dtype == jnp.bool_:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            else:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+        if "source_index" in want_aux:
+            np.testing.assert_array_equal(np.asarray(got_aux["source_index"]),
+                                          np.asarray(want_aux["source_index"]))
+
+
 @pytest.mark.parametrize("method", sorted(set(EXAMPLES) - {"none"}))
 def test_plans_follow_one_protocol(method):
     """n_in / n_out / assignment / matrix / apply / invert, with the dense view as the oracle:

@@ -17,6 +17,11 @@ per-layer schedule (tokens in and out of every block) comes from the reducer in 
 tracing: every shape is static and the model compiles once per config. A learned reducer's
 module (TokenLearner) is owned by the block it runs in (`blocks.<l>.reducer`).
 
+With `ViTConfig.token_multiple = m` (default 1) every block's token arrays are rounded up to a
+multiple of m, the padding masked out of attention and kept from the reducers
+(`jax_tokens.models.token_padding`): aligned shapes for tensor cores and TPU tiles, the same
+results. The config lives in `jax_tokens.models.vit_config`.
+
 Parameter names follow timm's `VisionTransformer` (patch_embed.proj, blocks.i.attn.qkv, ...)
 so `jax_tokens.models.convert` maps state dicts one to one.
 
@@ -30,160 +35,24 @@ the residual stream is constrained to ("batch", "tokens", "embed"), Pallas atten
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jax_tokens import reducers
-from jax_tokens import schedule as sched
 from jax_tokens import sharding as shd
 from jax_tokens import tokens as tk
-from jax_tokens.layers import (Mlp, PatchGrid, check_images, linear_axes, norm_axes,
-                               patch_embedding)
+from jax_tokens.layers import Mlp, check_images, linear_axes, norm_axes, patch_embedding
+from jax_tokens.models import token_padding
+from jax_tokens.models.vit_config import ViTConfig
 from jax_tokens.attention import xla as attention_xla
 from jax_tokens.attention.sharded import attention as mesh_attention
-from jax_tokens.reducers import LayerSpec, Reducer, TokenLayout
+from jax_tokens.reducers import Reducer
+
+__all__ = ["ViTConfig", "VisionTransformer", "Block", "Attention", "LayerScale", "sincos_2d"]
 
 _ACT = ("batch", "tokens", "embed")  # logical axes of the residual stream
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ViTConfig(PatchGrid):
-    """ViT / DeiT hyper-parameters (timm's names where they exist)."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    class_token: bool = True
-    distill_token: bool = False
-    num_registers: int = 0
-    pos_embed: str = "learn"          # "learn" | "sincos" | "none"
-    no_embed_class: bool = False      # position embedding only on patch tokens (timm flag)
-    layer_scale_init: float | None = None
-    global_pool: str = "token"        # "token" | "avg" (size-weighted over patch tokens) |
-                                      # "avg_all" (over every token, prefix too: Cropr's head)
-    fc_norm: bool = False             # the final norm on the pooled feature (timm's fc_norm)
-    ln_eps: float = 1e-6
-    attn_impl: str = "auto"
-    trace_source: bool = False        # track which patches each token covers (aux["source_index"])
-    dtype: str = "float32"            # compute dtype ("bfloat16" for mixed precision)
-    reduction: Any = None             # a Reducer, or its dict {"method": ..., ...}; None: none
-
-    def __post_init__(self):
-        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive int")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} must be a multiple of "
-                             f"patch_size={self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by "
-                             f"num_heads={self.num_heads}")
-        if self.pos_embed not in ("learn", "sincos", "none"):
-            raise ValueError(f"pos_embed={self.pos_embed!r} is not one of learn, sincos, none")
-        if self.global_pool not in ("token", "avg", "avg_all"):
-            raise ValueError(f"global_pool={self.global_pool!r} is not one of token, avg, "
-                             "avg_all")
-        if self.fc_norm and self.global_pool == "token":
-            raise ValueError("fc_norm=True needs global_pool='avg' or 'avg_all' (timm applies "
-                             "it to the pooled feature)")
-        if self.global_pool == "token" and not self.class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
-        if self.distill_token and not self.class_token:
-            raise ValueError("distill_token=True needs class_token=True (DeiT layout)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r} is not one of float32, bfloat16, float16")
-        object.__setattr__(self, "reduction", reducers.from_config(self.reduction))
-        self.schedule()  # validates budgets against token counts, naming the layer
-
-    # -- derived sizes (grid, num_patches, head_dim, mlp_hidden: PatchGrid) -------------------
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.distill_token) + self.num_registers
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches + self.num_prefix_tokens
-
-    def replace(self, **kw) -> "ViTConfig":
-        return dataclasses.replace(self, **kw)
-
-    def layout(self) -> TokenLayout:
-        """What a reducer may know about this model (`jax_tokens.reducers.TokenLayout`)."""
-        return TokenLayout(depth=self.depth, num_tokens=self.num_tokens,
-                           num_prefix_tokens=self.num_prefix_tokens,
-                           class_token=self.class_token, distill_token=self.distill_token,
-                           embed_dim=self.embed_dim, num_heads=self.num_heads,
-                           num_classes=self.num_classes)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict (the reduction as {"method": ..., ...}); `ViTConfig(**d)` inverts
-        it."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["reduction"] = self.reduction.to_dict()
-        return d
-
-    # -- the static per-layer schedule -----------------------------------------------------------
-    def schedule(self, reduction: Reducer | None = None) -> tuple[LayerSpec, ...]:
-        """Per block: tokens in, tokens out, the reducer's budget (from the reducer)."""
-        red = self.reduction if reduction is None else reducers.from_config(reduction)
-        return red.schedule(self.layout())
-
-    def token_counts(self, reduction: Reducer | None = None) -> list[int]:
-        """Tokens entering each block (and, last, the tokens after the final block)."""
-        specs = self.schedule(reduction)
-        return [s.n_in for s in specs] + [specs[-1].n_out]
-
-    def flops(self, reduction: Reducer | None = None) -> int:
-        """Estimated forward FLOPs per image (2 x multiply-adds): the blocks' matmuls on the
-        schedule's token counts, plus each reducer call's own work (`Reducer.flops`)."""
-        red = self.reduction if reduction is None else reducers.from_config(reduction)
-        layout = self.layout()
-        specs = red.schedule(layout)
-        # A reducer placed "before" the attention leaves it n_out tokens (the input tokens'
-        # probabilities are its own work); one placed "after" the MLP leaves it n_in.
-        place = [red.placement(s) if s.active else "mid" for s in specs]
-        total = sched.vit_flops(
-            tokens_in=[s.n_out if p == "before" else s.n_in for s, p in zip(specs, place)],
-            tokens_mid=[s.n_in if p == "after" else s.n_out for s, p in zip(specs, place)],
-            dim=self.embed_dim, mlp_hidden=self.mlp_hidden, num_patches=self.num_patches,
-            patch_dim=self.in_chans * self.patch_size ** 2, num_classes=self.num_classes)
-        total += sum(red.flops(layout, s) for s in specs if s.active)
-        if self.distill_token:
-            total += 2 * self.embed_dim * self.num_classes
-        return total
-
-    # -- presets ------------------------------------------------------------------------------
-    @classmethod
-    def vit_tiny(cls, **kw):
-        return cls(**{**dict(embed_dim=192, depth=12, num_heads=3), **kw})
-
-    @classmethod
-    def vit_small(cls, **kw):
-        return cls(**{**dict(embed_dim=384, depth=12, num_heads=6), **kw})
-
-    @classmethod
-    def vit_base(cls, **kw):
-        return cls(**{**dict(embed_dim=768, depth=12, num_heads=12), **kw})
-
-    @classmethod
-    def vit_large(cls, **kw):
-        return cls(**{**dict(embed_dim=1024, depth=24, num_heads=16), **kw})
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +125,10 @@ class Attention(nnx.Module):
         a = jnp.exp(logits - logits.max(axis=-1, keepdims=True)) * policy
         return (a + eps / n) / (a.sum(axis=-1, keepdims=True) + eps)
 
-    def __call__(self, x, *, key_size=None, stats=(), probs=None):
+    def __call__(self, x, *, key_size=None, stats=(), probs=None, valid=None):
+        """x [B, N, C] -> (out [B, N, C], statistics). valid: with padded arrays
+        (`token_padding`), the real tokens (the first `valid`; key_size is then 0 for the
+        padding): the statistics are those of the real tokens."""
         b, n, c = x.shape
         if probs is not None:   # given probabilities [B, H, N, N] (MCTF's one-step-ahead)
             v = self._project(x, slice(2 * c, 3 * c)).reshape(b, n, self.num_heads, -1)
@@ -267,6 +139,8 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # A plain `attention` call, wrapped in jax.shard_map for Pallas under a mesh.
         out, st = mesh_attention(q, k, v, key_size=key_size, stats=stats, impl=self.impl)
+        if valid is not None:
+            st = token_padding.valid_stats(st, valid, q, k, key_size, q.shape[-1] ** -0.5)
         return self.proj(out.reshape(b, n, c)), st
 
 
@@ -287,8 +161,9 @@ class Block(nnx.Module):
             self.ls1 = self.ls2 = None
         self.reducer = reducer   # a learned reducer's module (e.g. TokenLearner), or None
 
-    def attend(self, x, *, key_size=None, stats=(), probs=None):
-        h, st = self.attn(self.norm1(x), key_size=key_size, stats=stats, probs=probs)
+    def attend(self, x, *, key_size=None, stats=(), probs=None, valid=None):
+        h, st = self.attn(self.norm1(x), key_size=key_size, stats=stats, probs=probs,
+                          valid=valid)
         if self.ls1 is not None:
             h = self.ls1(h)
         return x + h, st
@@ -413,7 +288,19 @@ class VisionTransformer(nnx.Module):
         x = shd.constrain(self.embed(images), _ACT)
         b = x.shape[0]
         size = tk.init_size(x)
-        source_index = tk.init_source_index(b, x.shape[1]) if cfg.trace_source else None
+        # With token_multiple > 1, x and size hold `valid` real tokens and then padding rows
+        # up to a multiple (`token_padding`): attention masks them, reducers never see them.
+        multiple = 1 if red.policy_attention else cfg.token_multiple
+        valid = x.shape[1]
+
+        def padded(x, size):
+            if multiple == 1:
+                return x, size
+            x, size = token_padding.pad(x, size, multiple)
+            return shd.constrain(x, _ACT), size
+
+        x, size = padded(x, size)
+        source_index = tk.init_source_index(b, valid) if cfg.trace_source else None
         if red.needs_key and key is None:
             raise ValueError(f"reducer {red.label()!r} draws random numbers: call the model with "
                              "key=jax.random.key(...)")
@@ -424,24 +311,31 @@ class VisionTransformer(nnx.Module):
                              "set-aside tokens rejoin later")
         set_aside = []   # (tokens, sizes) each active call set aside, for `rejoin`
 
-        def attend(blk, x, size, sized: bool, stats=(), probs=None):
+        def attend(blk, x, size, sized: bool, valid: int, stats=(), probs=None):
             if probs is None and red.policy_attention:   # a keep policy (DynamicViT training)
                 probs = blk.attn.probabilities(blk.norm1(x), key_policy=size[..., 0])
-            key_size = size[..., 0] if (red.proportional_attention and sized) else None
+            proportional = red.proportional_attention and sized
+            if x.shape[1] > valid:     # padding rows: masked by a key size of 0
+                return blk.attend(x, key_size=token_padding.key_size(size, valid, proportional),
+                                  stats=stats, probs=probs, valid=valid)
+            key_size = size[..., 0] if proportional else None
             return blk.attend(x, key_size=key_size, stats=stats, probs=probs)
 
         for l, (blk, spec) in enumerate(zip(self.blocks, specs)):
             if l == rejoin and set_aside:
-                x = jnp.concatenate([x] + [t for t, _ in set_aside], axis=1)
-                size = jnp.concatenate([size] + [s for _, s in set_aside], axis=1)
+                x = jnp.concatenate([x[:, :valid]] + [t for t, _ in set_aside], axis=1)
+                size = jnp.concatenate([size[:, :valid]] + [s for _, s in set_aside], axis=1)
+                valid = x.shape[1]
+                x, size = padded(x, size)
             stats = red.stats(layout, spec) if spec.active else ()
             place = red.placement(spec) if spec.active else "mid"
             if place == "before":   # the reducer runs on the block's input (one-step-ahead)
+                x, size = x[:, :valid], size[:, :valid]
                 key_size = size[..., 0] if (red.proportional_attention and l > 0) else None
                 st = blk.input_stats(x, stats, key_size=key_size)
             else:
                 # Sizes enter attention from the second block on (all ones before: log 1 = 0).
-                x, st = attend(blk, x, size, l > 0, stats)
+                x, st = attend(blk, x, size, l > 0, valid, stats)
             if place == "after":
                 x = shd.constrain(blk.feed_forward(x), _ACT)
             if spec.active:
@@ -456,9 +350,11 @@ class VisionTransformer(nnx.Module):
                                       module=blk.reducer)
 
                 # Selection on each device's own examples under a mesh (no batch all-gather).
-                x_in, size_in = x, size
-                x, size, plan = shd.per_example(run, x, size, st) if red.per_example(spec) \
-                    else run(x, size, st)
+                x_in, size_in = x[:, :valid], size[:, :valid]     # the real tokens only
+                x, size, plan = shd.per_example(run, x_in, size_in, st) \
+                    if red.per_example(spec) else run(x_in, size_in, st)
+                valid = x.shape[1]
+                x, size = padded(x, size)
                 if source_index is not None:
                     source_index = tk.update_source_index(source_index, plan.assignment)
                 if rejoin is not None:
@@ -466,9 +362,12 @@ class VisionTransformer(nnx.Module):
                 plans.append(plan)
                 if place == "before":   # attention of the reduced tokens: given or afresh
                     probs = red.reduce_attention(layout, spec, plan, size_in, st)
-                    x, _ = attend(blk, x, size, True, probs=probs)
+                    if probs is not None:
+                        probs = token_padding.pad_probs(probs, x.shape[1])
+                    x, _ = attend(blk, x, size, True, valid, probs=probs)
             if place != "after":
                 x = shd.constrain(blk.feed_forward(x), _ACT)
+        x, size = x[:, :valid], size[:, :valid]     # the padding rows go
         if not cfg.fc_norm:
             x = self.norm(x)
         if cfg.global_pool == "token":

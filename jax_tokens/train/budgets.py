@@ -54,7 +54,7 @@ def vit_config(config, *, in_chans: int | None = None,
         mlp_ratio=float(m.mlp_ratio), qkv_bias=m.qkv_bias, class_token=m.class_token,
         num_registers=m.num_registers, pos_embed=m.pos_embed, no_embed_class=m.no_embed_class,
         layer_scale_init=m.layer_scale_init, global_pool=m.global_pool, ln_eps=m.ln_eps,
-        attn_impl=m.attn_impl, dtype=m.dtype)
+        attn_impl=m.attn_impl, dtype=m.dtype, token_multiple=m.token_multiple)
     red = reducer_from_config(m.reduction)
     try:
         return ViTConfig(**kw, reduction=red)
@@ -68,7 +68,7 @@ def lookupvit_config(config, *, in_chans: int | None = None,
     defaults (LookupViT has no class token, registers or reducer slot)."""
     m, ref = config.model, default_config().model
     vit_only = ("class_token", "num_registers", "no_embed_class", "layer_scale_init",
-                "global_pool")
+                "global_pool", "token_multiple")
     for key in vit_only:
         if m[key] != ref[key]:
             raise ConfigError(f"config.model.{key}={m[key]!r} does not apply to model "

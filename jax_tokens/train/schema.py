@@ -60,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
         num_registers=0, pos_embed="learn", no_embed_class=False,
         layer_scale_init=ph(float), global_pool="token", ln_eps=1e-6, attn_impl="auto",
         dtype="float32",             # compute dtype: "bfloat16" for mixed precision
+        token_multiple=1,            # vit: token arrays rounded up to a multiple, the padding
+                                     # masked (same results; tensor-core / sublane tiles)
         num_lookup=ph(int),          # lookupvit: M lookup tokens (a perfect square); None: 49
         hr_mlp_ratio=ph(float),      # lookupvit: the N tokens' MLP; None: mlp_ratio / 4
     ))
@@ -103,13 +105,14 @@ def default_config() -> ml_collections.ConfigDict:
 RUNTIME_KEYS = frozenset({
     "data.data_dir", "data.num_threads", "data.prefetch", "data.worker_count",
     "data.auto_prepare", "train.log_every", "train.progress", "train.compilation_cache",
-    "eval.batch_size",
+    "eval.batch_size", "model.token_multiple",
     "eval.every_steps", "eval.max_examples", "eval.at_end", "checkpoint.every_steps",
     "checkpoint.keep",
     "checkpoint.async_save", "checkpoint.export", "mesh.", "sharding.", "distributed",
 })
 """Keys that may change when a run resumes: they do not change what is computed (a trailing
-"." covers a whole group; a checkpoint restores onto any mesh)."""
+"." covers a whole group; a checkpoint restores onto any mesh; model.token_multiple pads the
+token arrays and gives the same results to float precision)."""
 
 _FREE_FORM = ("sharding.rules", "press")   # groups whose keys are not in a schema
 """Groups whose keys are not fixed by the schema."""
@@ -366,6 +369,8 @@ def upgrade_config_dict(d: Mapping) -> dict:
     that differ only in whether they spell out a default compare equal."""
     out = json.loads(json.dumps(d))
     model = out.get("model")
+    if isinstance(model, dict):    # written before the key existed: no padding
+        model.setdefault("token_multiple", 1)
     if isinstance(model, dict) and isinstance(model.get("reduction"), dict):
         from jax_tokens import reducers  # pylint: disable=import-outside-toplevel
         red = reducers.upgrade_legacy(model["reduction"])
