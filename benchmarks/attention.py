@@ -10,7 +10,10 @@ Implementations (--impl, comma separated):
           pallas_gpu / pallas_tpu name one explicitly;
   dpa     `jax.nn.dot_product_attention` without statistics (implementation=None);
   dpa_cudnn  the same with implementation="cudnn": cuDNN's fused (flash) attention, the
-          fused no-statistics floor on NVIDIA GPUs.
+          fused no-statistics floor on NVIDIA GPUs;
+  cudnn   `attention(..., impl="cudnn")`: that kernel plus the statistics that need no
+          probability matrix (those of --stats in `fused.FUSED_STATS`: lse, cls_probs, ...;
+          key_mass is left out), i.e. what ToMe / EViT get on the fused path.
 
 On GPU/TPU it prints, per N, the median time of --runs runs after warm-up and the peak memory
 (`memory_stats()["peak_bytes_in_use"]` measured in a fresh subprocess per case, because that
@@ -37,7 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_tokens.attention import attention_xla  # noqa: E402
+from jax_tokens.attention import attention, attention_xla  # noqa: E402
+from jax_tokens.attention.fused import FUSED_STATS  # noqa: E402
 from jax_tokens.attention.pallas import attention_pallas  # noqa: E402
 
 ACCEL_N = (197, 577, 1025, 2048, 4096, 8192, 16384)
@@ -95,7 +99,7 @@ def resolve_impls(spec: str) -> list[str]:
                 platform(), ["pallas_gpu", "pallas_tpu"])  # CPU: check both kernel families
             out += [x for x in names if x not in out]
             continue
-        if name not in ("xla", "pallas_gpu", "pallas_tpu", "dpa", "dpa_cudnn"):
+        if name not in ("xla", "pallas_gpu", "pallas_tpu", "dpa", "dpa_cudnn", "cudnn"):
             raise SystemExit(f"unknown --impl {name!r}")
         out.append(name)
     return out
@@ -124,6 +128,12 @@ def make_fn(impl, args):
             return attention_pallas(q, k, v, backend=backend, key_size=size,
                                     causal=args.causal, stats=stats, block_q=args.block_q,
                                     block_k=args.block_k)
+    elif impl == "cudnn":
+        fused_stats = tuple(s for s in stats if s in FUSED_STATS)
+
+        def fwd(q, k, v, size):
+            return attention(q, k, v, key_size=size, causal=args.causal, stats=fused_stats,
+                             impl="cudnn")
     else:
         # dpa: implementation=None (JAX picks; XLA here). dpa_cudnn: cuDNN's fused flash
         # attention, the fused no-statistics floor on NVIDIA GPUs.
@@ -229,7 +239,7 @@ def accelerator_main(args, impls, ns):
         cols += [f"{impl} ms", f"{impl} MiB"]
     if kernel and "xla" in impls:
         cols += ["xla/kernel time", "xla/kernel mem"]
-    floors = [i for i in ("dpa", "dpa_cudnn") if i in impls]
+    floors = [i for i in ("dpa", "dpa_cudnn", "cudnn") if i in impls]
     if kernel:
         cols += [f"kernel/{i} time" for i in floors]
     print("| " + " | ".join(cols) + " |")

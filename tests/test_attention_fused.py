@@ -15,6 +15,11 @@ from jax_tokens.attention import attention, attention_xla
 from jax_tokens.attention.fused import FUSED_STATS
 
 STATS = ("cls_probs", "lse", "mean_key", "value_norm")
+ON_GPU = jax.default_backend() == "gpu"
+# On a GPU the cuDNN path refuses float32 (the kernel takes bf16 / fp16): the float32 oracle
+# cases run where it falls back to XLA, the compiled test below runs them in bf16 on the GPU.
+float32_fallback = pytest.mark.skipif(ON_GPU, reason="float32 is refused on a GPU; see "
+                                      "test_fused_path_compiled_on_gpu")
 
 
 def _inputs(seed, b, nq, nk, h, kvh, d, dtype, key_size, bias_heads):
@@ -50,6 +55,7 @@ CASES = [   # b, nq, nk, h, kvh, d, key_size, bias heads, causal, query_index
 ]
 
 
+@float32_fallback
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fused_path_matches_oracle(case):
     _, b, nq, nk, h, kvh, d, key_size, bias_heads, causal, query_index = case
@@ -73,6 +79,7 @@ def test_fused_path_matches_oracle(case):
     np.testing.assert_allclose(np.asarray(stats["cls_probs"]).sum(-1), 1.0, rtol=1e-5)
 
 
+@float32_fallback
 def test_fused_path_full_width_statistics_and_bfloat16():
     """PruMerge's full-width statistics, and bf16 inputs (the dtype cuDNN runs) within bf16
     rounding of the oracle run in float32 on the same values."""
@@ -98,3 +105,26 @@ def test_fused_path_refuses_statistics_that_need_every_probability():
     for name in ("key_mass", "probs"):
         with pytest.raises(ValueError, match=f"impl='cudnn'.*'{name}'.*impl='xla'"):
             attention(q, k, v, stats=(name,), impl="cudnn")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: cuDNN's fused kernel compiled for it")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fused_path_compiled_on_gpu(case):
+    """The oracle cases in bf16 through cuDNN's kernel, against the oracle run in float32 on
+    the same bf16 values: output, statistics and gradients within bf16 rounding."""
+    _, b, nq, nk, h, kvh, d, key_size, bias_heads, causal, query_index = case
+    d = max(d, 64)                   # cuDNN's head dims: multiples of 8 up to 128
+    q, k, v, ct, size, bias = _inputs(0, b, nq, nk, h, kvh, d, jnp.bfloat16, key_size,
+                                      bias_heads)
+    grads, (out, stats) = _evaluate("cudnn", q, k, v, ct, size, bias, causal, query_index)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    with jax.default_matmul_precision("highest"):
+        rgrads, (rout, rstats) = _evaluate("xla", *f32, ct, size, bias, causal, query_index)
+    np.testing.assert_allclose(np.asarray(out, np.float32), rout, atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(stats["cls_probs"], rstats["cls_probs"], atol=1e-2)
+    np.testing.assert_allclose(stats["lse"], rstats["lse"], atol=5e-2, rtol=1e-2)
+    for name, got, want in zip(("q", "k", "v", "key_size", "bias"), grads, rgrads):
+        if want is not None:
+            scale = float(jnp.abs(want).max()) + 1e-6
+            np.testing.assert_allclose(np.asarray(got, np.float32) / scale,
+                                       np.asarray(want) / scale, atol=5e-2, err_msg=name)

@@ -38,6 +38,8 @@ DP_FAMILY = {"mctf": dict(r=2), "pitome": dict(ratio=0.8), "diffrate": dict(
 # Their training paths on a 3-block model (Cropr with last-layer fusion).
 DP_TRAINING = {"dynamicvit": dict(layers=(1, 2), keep_ratio=(0.5, 0.25)),
                "cropr": dict(rate=3, llf=True)}
+# Padded token arrays (token_multiple=8) on 8 devices against the unpadded model on one.
+DP_PADDED = {"tome": dict(r=2), "kmedoids": dict(layers=(1,), keep_rate=0.5)}
 
 
 # ================================================================================================
@@ -205,9 +207,10 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
             out[red] = res
         return out
 
-    def dp_equals_single(reductions, depth, training=False):
+    def dp_equals_single(reductions, depth, training=False, token_multiple=1):
         """Per reducer: the 8-way data-parallel step against one device (loss, gradients,
-        updated parameters) and the step's collectives."""
+        updated parameters) and the step's collectives; the data-parallel model carries its
+        tokens in arrays rounded up to `token_multiple`, the one-device model does not."""
         from jax_tokens import reducers
         out = {}
         mesh, rules = mesh_for("8x1x1")
@@ -218,7 +221,8 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
             ref = Run(cfg, single, shd.axis_rules("dp"), training=training)
             host = jax.device_get((ref.params, ref.rest))
             ref_loss, ref_grads = ref()
-            run = Run(cfg, mesh, rules, host=host, training=training)
+            run = Run(cfg.replace(token_multiple=token_multiple), mesh, rules, host=host,
+                      training=training)
             loss, grads = run()
             out[name] = {"loss": abs(float(loss) - float(ref_loss)),
                          "grads": max_diff(grads, ref_grads),
@@ -237,6 +241,10 @@ def _worker(report_path: str, workdir: str) -> None:  # pragma: no cover - runs 
     @section("dp_training")
     def _():
         return dp_equals_single(DP_TRAINING, depth=3, training=True)
+
+    @section("dp_padded")
+    def _():
+        return dp_equals_single(DP_PADDED, depth=2, token_multiple=8)
 
     # -- 2. Pallas attention inside jax.shard_map (interpret mode on CPU) ---------------------
     @section("pallas")
@@ -531,6 +539,16 @@ if __name__ != "__main__":
         """DynamicViT's and Cropr's training paths (their own losses included) in the
         8-device data-parallel step equal one device, without all-gather / all-to-all."""
         e = _section(report, "dp_training")[reducer]
+        for what in ("loss", "grads", "params"):
+            assert e[what] <= TOL, (what, e)
+        c = e["collectives"]
+        assert c["all-gather"] == 0 and c["all-to-all"] == 0, c
+
+    @pytest.mark.parametrize("reducer", sorted(DP_PADDED))
+    def test_padded_tokens_data_parallel_equal_unpadded_one_device(report, reducer):
+        """token_multiple=8 under an 8-device data-parallel mesh: the step equals the unpadded
+        model's on one device, and the matching still runs per device (no all-gather)."""
+        e = _section(report, "dp_padded")[reducer]
         for what in ("loss", "grads", "params"):
             assert e[what] <= TOL, (what, e)
         c = e["collectives"]
