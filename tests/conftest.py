@@ -62,8 +62,9 @@ CHEAP_COMPILE_XLA_FLAGS = os.environ.get(
     "JAX_TOKENS_TEST_XLA_FLAGS",
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
     "--xla_cpu_use_fusion_emitters=false")
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in (os.environ.get("XLA_FLAGS", ""), CHEAP_COMPILE_XLA_FLAGS) if f)
+if CHEAP_COMPILE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):   # once (xdist workers)
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in (os.environ.get("XLA_FLAGS", ""), CHEAP_COMPILE_XLA_FLAGS) if f)
 
 # 8 CPU devices for the multi-device workers, compiled as cheaply.
 EIGHT_DEVICE_XLA_FLAGS = (
