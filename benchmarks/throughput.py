@@ -10,8 +10,9 @@ once per round) so that load changes on a shared machine hit all of them alike.
     python benchmarks/throughput.py --models vit_b --reducers none,tome16 --token-multiples 1,8
 
 `--token-multiples 1,8` times every reducer twice: as is, and with its token arrays rounded up
-to multiples of 8 (`ViTConfig.token_multiple`, the padding masked); the "padding" column is the
-padded configuration's speed over the same reducer unpadded, measured in the same rounds.
+to multiples of 8 (`ViTConfig.token_multiple`, the padding masked); the "padding" column is each
+configuration's speed over the same reducer at the first multiple given (1: unpadded), measured
+in the same rounds.
 
 Targets (checked and printed, not asserted): ViT-B/16 with r=16 is at least as much faster
 as its FLOP ratio predicts, and compiling with reduction takes at most 1.5x the unreduced
