@@ -35,16 +35,21 @@ def test_every_statistic_of_the_real_tokens(impl, proportional):
     q, k, v = (jax.random.normal(kk, (2, rows, h, d)) for kk in keys[:3])
     size = jax.random.uniform(keys[3], (2, rows, 1), minval=1.0, maxval=4.0)
     stats = tuple(STATS)
-    want_out, want = attention(q[:, :n], k[:, :n], v[:, :n], stats=stats, impl="xla",
-                               key_size=size[:, :n, 0] if proportional else None)
-    ks = tp.key_size(size, n, proportional)
-    out, got = attention(q, k, v, key_size=ks, stats=stats, impl=impl)
-    got = tp.valid_stats(got, n, q, k, ks, d ** -0.5)
-    np.testing.assert_allclose(out[:, :n], want_out, atol=1e-5)
+    # On CPU the kernels are interpreted (float32 throughout); compiled on a GPU, their float32
+    # dots run in TF32 (errors ~1e-3, as in the compiled oracle tests).
+    tol = 2e-5 if jax.default_backend() == "cpu" else 5e-3
+    with jax.default_matmul_precision("highest"):
+        want_out, want = attention(q[:, :n], k[:, :n], v[:, :n], stats=stats, impl="xla",
+                                   key_size=size[:, :n, 0] if proportional else None)
+        ks = tp.key_size(size, n, proportional)
+        out, got = attention(q, k, v, key_size=ks, stats=stats, impl=impl)
+        got = tp.valid_stats(got, n, q, k, ks, d ** -0.5)
+    np.testing.assert_allclose(out[:, :n], want_out, atol=tol)
     assert set(got) == set(want)
     for name in stats:
         assert got[name].shape == want[name].shape, name
-        np.testing.assert_allclose(got[name], want[name], atol=2e-5, err_msg=name)
+        scale = max(1.0, float(jnp.abs(want[name]).max()))
+        np.testing.assert_allclose(got[name], want[name], atol=tol * scale, err_msg=name)
 
 
 def _cfg(**kw):
