@@ -9,6 +9,9 @@ Each rung adds one ingredient of ToMe to the unreduced model, with ToMe r's toke
   topk      a top-k of a per-token score and a gather (pruning's ops);
   match     ToMe's bipartite matching (cosine scores, argmax, two top-ks), then the slice;
   tome      ToMe's matching and its size-weighted merge, written out here;
+  segment   the same matching, the merge as a segment sum over each token's output slot
+            (`plan.assignment`) instead of gathers and a one-hot matmul (item 3's alternative;
+            same result up to summation order);
   ToMe      the registered reducer (`ToMe(r, clamp_r=True)`), as the model runs it.
 
 Prints the median compile seconds of --repeats compiles of each (a fresh trace every time, so
@@ -68,6 +71,15 @@ class Rung(base.Reducer):
             _, idx = jax.lax.top_k(stats["mean_key"].sum(-1), n)
             x = jnp.take_along_axis(x, idx[..., None], axis=1)
             size = jnp.take_along_axis(size, idx[..., None], axis=1)
+        elif self.mode == "segment":
+            plan = merge.bipartite_soft_matching(stats["mean_key"], spec.budget,
+                                                 class_token=True)
+            b, t, c = x.shape
+            slots = (plan.assignment + n * jnp.arange(b)[:, None]).reshape(-1)
+            sums = jax.ops.segment_sum(
+                jnp.concatenate([x * size, size], axis=-1).reshape(b * t, c + 1), slots,
+                num_segments=b * n).reshape(b, n, c + 1)
+            return sums[..., :c] / sums[..., c:], sums[..., c:], plan
         elif self.mode in ("match", "tome"):
             plan = merge.bipartite_soft_matching(stats["mean_key"], spec.budget,
                                                  class_token=True)
@@ -106,7 +118,8 @@ def main(argv=None):
         ap.error("--repeats, --r and --token-multiple must be >= 1")
     preset = {"vit_s": ViTConfig.vit_small, "vit_b": ViTConfig.vit_base}[args.model]
     ladder = [("none", NoReduction())] + [
-        (mode, Rung(r=args.r, mode=mode)) for mode in ("slice", "topk", "match", "tome")] + [
+        (mode, Rung(r=args.r, mode=mode))
+        for mode in ("slice", "topk", "match", "tome", "segment")] + [
         ("ToMe", ToMe(r=args.r, clamp_r=True))]
     print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; jax {jax.__version__}; {args.model} "
