@@ -78,7 +78,12 @@ def main(argv=None):
     unknown = [r for r in args.reducers.split(",") if r not in REDUCERS]
     if unknown:
         ap.error(f"unknown reducers {unknown}; choose from {list(REDUCERS)}")
-    multiples = [int(m) for m in args.token_multiples.split(",")]
+    try:
+        multiples = [int(m) for m in args.token_multiples.split(",")]
+    except ValueError:
+        multiples = [0]
+    if min(multiples) < 1:
+        ap.error(f"--token-multiples={args.token_multiples!r} must be positive ints, e.g. 1,8")
     preset = {"vit_s": ViTConfig.vit_small, "vit_b": ViTConfig.vit_base}[args.model]
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops or peak_tflops(kind)

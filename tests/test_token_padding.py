@@ -82,7 +82,7 @@ def test_flops_count_the_padding_rows_and_bad_multiples_are_named():
     assert cfg.token_counts() == [17, 14, 11, 8]
     padded = cfg.replace(token_multiple=8)
     assert padded.token_counts() == cfg.token_counts()            # the real tokens
-    assert padded.padded_rows()(17) == 24
+    assert tp.round_up(17, padded.row_multiple()) == 24
     assert padded.flops() > cfg.flops()
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match=r"token_multiple=.* must be a positive int"):

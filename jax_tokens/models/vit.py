@@ -290,7 +290,7 @@ class VisionTransformer(nnx.Module):
         size = tk.init_size(x)
         # With token_multiple > 1, x and size hold `valid` real tokens and then padding rows
         # up to a multiple (`token_padding`): attention masks them, reducers never see them.
-        multiple = 1 if red.policy_attention else cfg.token_multiple
+        multiple = cfg.row_multiple(red)
         valid = x.shape[1]
 
         def padded(x, size):

@@ -123,11 +123,11 @@ class ViTConfig(PatchGrid):
         # probabilities are its own work); one placed "after" the MLP leaves it n_in.
         # With token_multiple, the blocks compute on the padded rows too.
         place = [red.placement(s) if s.active else "mid" for s in specs]
-        rows = self.padded_rows(red)
+        m = self.row_multiple(red)
         total = sched.vit_flops(
-            tokens_in=[rows(s.n_out if p == "before" else s.n_in)
+            tokens_in=[token_padding.round_up(s.n_out if p == "before" else s.n_in, m)
                        for s, p in zip(specs, place)],
-            tokens_mid=[rows(s.n_in if p == "after" else s.n_out)
+            tokens_mid=[token_padding.round_up(s.n_in if p == "after" else s.n_out, m)
                         for s, p in zip(specs, place)],
             dim=self.embed_dim, mlp_hidden=self.mlp_hidden, num_patches=self.num_patches,
             patch_dim=self.in_chans * self.patch_size ** 2, num_classes=self.num_classes)
@@ -136,13 +136,12 @@ class ViTConfig(PatchGrid):
             total += 2 * self.embed_dim * self.num_classes
         return total
 
-    def padded_rows(self, reduction: Reducer | None = None):
-        """n -> the rows the model's arrays hold for n tokens: n rounded up to
-        `token_multiple` (n itself when it is 1, or for a reducer whose keep policy already
-        keeps every token: DynamicViT's training)."""
+    def row_multiple(self, reduction: Reducer | None = None) -> int:
+        """The multiple the model rounds its token arrays up to with this reducer:
+        `token_multiple`, or 1 for a reducer whose keep policy already keeps every token
+        (DynamicViT's training). The model and `flops` both ask this."""
         red = self.reduction if reduction is None else reducers.from_config(reduction)
-        m = 1 if red.policy_attention else self.token_multiple
-        return lambda n: token_padding.round_up(n, m)
+        return 1 if red.policy_attention else self.token_multiple
 
     # -- presets ------------------------------------------------------------------------------
     @classmethod
